@@ -1,0 +1,30 @@
+# make demo: create .venv, install segjobs, run the main job on this machine.
+# make test: the same setup, then the whole test suite (what CI runs).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := data/demo
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# torch resolves to a CUDA build that also runs on CPU; the first install takes a few minutes.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest tests
+
+demo: install $(DEMO)/ADEChallengeData2016/objectInfo150.txt
+	$(BIN)/segjobs shard ade20k $(DEMO)/ADEChallengeData2016 $(DEMO)/shards --samples-per-shard 100 --workers 2
+	$(BIN)/segjobs shard verify $(DEMO)/shards
+
+$(DEMO)/ADEChallengeData2016/objectInfo150.txt: | $(STAMP)
+	$(BIN)/segjobs synth ade20k $(DEMO)/ADEChallengeData2016 --train 400 --val 100 --size 256x320 --seed 0
+
+clean:
+	rm -rf $(DEMO)

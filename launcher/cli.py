@@ -1,0 +1,121 @@
+"""The `segjobs` command: argument parsing only; each subcommand calls one function.
+
+    segjobs synth ade20k data/synth --train 200 --val 50 --size 256x320 --seed 0
+    segjobs shard ade20k data/synth data/shards/ade20k --workers 2
+    segjobs shard images ~/frames data/shards/frames --split training
+    segjobs shard verify data/shards/ade20k/training
+
+Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
+`--debug` adds the traceback. Heavy imports (torch) happen inside the subcommand that needs them, so
+`segjobs --help`, `synth` and `shard` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+USAGE_ERROR, WORK_FAILED = 2, 1
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 256x320, got {text!r}") from None
+    if height < 32 or width < 32:
+        raise argparse.ArgumentTypeError(f"images must be at least 32x32, got {text!r}")
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segjobs", description="Train segmentation models on ADE20K shards, locally or on SLURM.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write a synthetic dataset in a real dataset's layout")
+    synth.add_argument("dataset", choices=["ade20k"])
+    synth.add_argument("out", type=Path, help="folder to create (the ADEChallengeData2016 layout)")
+    synth.add_argument("--train", type=int, default=200, help="training images (default 200)")
+    synth.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    synth.add_argument("--size", type=parse_size, default=(256, 320), help="image size HxW (default 256x320)")
+    synth.add_argument("--classes", type=int, default=8, help="classes in use, spread over 1..150 (default 8)")
+    synth.add_argument("--seed", type=int, default=0)
+
+    shard = commands.add_parser("shard", help="pack a dataset into WebDataset tar shards, or verify shards")
+    kinds = shard.add_subparsers(dest="kind", required=True, metavar="KIND")
+    packing = argparse.ArgumentParser(add_help=False)
+    packing.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
+    packing.add_argument("--max-shard-bytes", type=float, default=1e9, help="size cap per tar (default 1e9)")
+    packing.add_argument("--workers", type=int, default=1, help="processes decoding samples (default 1)")
+    packing.add_argument("--strict", action="store_true", help="fail (exit 1) if any sample is rejected")
+
+    ade = kinds.add_parser("ade20k", parents=[packing], help="ADEChallengeData2016 -> <out>/<split>/*.tar")
+    ade.add_argument("src", type=Path, help="the ADEChallengeData2016 folder")
+    ade.add_argument("out", type=Path, help="output folder; one sub-folder per split")
+    ade.add_argument("--splits", default=None, help="comma-separated splits (default: training,validation as present)")
+
+    images = kinds.add_parser("images", parents=[packing], help="any folder of images, no labels (W-Net, DINO)")
+    images.add_argument("src", type=Path)
+    images.add_argument("out", type=Path)
+    images.add_argument("--split", required=True, help="split name, e.g. training")
+    images.add_argument("--dataset", default="images", help="dataset name used in shard names (default images)")
+
+    verify = kinds.add_parser("verify", help="re-check shards against manifest.json (exit 1 on a bad shard)")
+    verify.add_argument("dir", type=Path, help="a split folder, or a folder of split folders")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("segjobs: interrupted", file=sys.stderr)
+        return WORK_FAILED
+    except Exception as exc:  # noqa: BLE001 - the boundary: user errors become one paragraph
+        status = exit_status(exc)
+        if status is None or args.debug:
+            traceback.print_exc()
+        if status is None:
+            return WORK_FAILED
+        print(f"segjobs: {exc}", file=sys.stderr)
+        return status
+
+
+def exit_status(exc: Exception) -> int | None:
+    """The exit status for an error a user can cause; None for a bug (which keeps its traceback)."""
+    from shards.errors import BadSourceError, ShardsError
+
+    if isinstance(exc, BadSourceError):
+        return USAGE_ERROR
+    if isinstance(exc, ShardsError):
+        return WORK_FAILED
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "synth":
+        from launcher import data_commands
+
+        return data_commands.synth(args.out, args.train, args.val, args.size, args.classes, args.seed)
+    if args.command == "shard":
+        from launcher import data_commands
+
+        if args.kind == "verify":
+            return data_commands.verify(args.dir)
+        options = dict(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                       workers=args.workers, strict=args.strict)
+        if args.kind == "ade20k":
+            splits = args.splits.split(",") if args.splits else None
+            return data_commands.shard_ade20k(args.src, args.out, splits, **options)
+        return data_commands.shard_images(args.src, args.out, args.split, args.dataset, **options)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

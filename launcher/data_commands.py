@@ -1,0 +1,71 @@
+"""`segjobs synth` and `segjobs shard`: the data-preparation commands (no torch import here)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from shards import ade20k, synth as synth_data
+from shards.errors import BadSourceError, ShardsError
+from shards.reader import verify_split
+from shards.writer import image_folder_samples, progress_reporter, write_split
+
+
+def synth(out: Path, train: int, val: int, size: tuple[int, int], classes: int, seed: int) -> int:
+    if train < 1 or val < 0:
+        raise BadSourceError(f"--train must be >= 1 and --val >= 0, got {train} and {val}.")
+    if not 1 <= classes <= ade20k.NUM_CLASSES:
+        raise BadSourceError(f"--classes must be in 1..{ade20k.NUM_CLASSES}, got {classes}.")
+    start = time.perf_counter()
+    synth_data.write_ade20k(out, train=train, val=val, height=size[0], width=size[1], seed=seed, num_classes=classes)
+    print(f"synthetic ADE20K: {train} training + {val} validation images ({size[0]}x{size[1]}, "
+          f"{classes} classes, seed {seed}) in {time.perf_counter() - start:.1f} s -> {out}")
+    return 0
+
+
+def shard_ade20k(src: Path, out: Path, splits: list[str] | None, **options) -> int:
+    root = ade20k.find_root(src)
+    if splits is None:
+        splits = [s for s in ade20k.SPLITS if (root / "images" / s).is_dir()]
+        if not splits:
+            raise BadSourceError(f"{root}: found neither images/training nor images/validation.")
+    listed = [(split, *ade20k.list_split(root, split)) for split in splits]  # all layout errors before writing
+    rejected = 0
+    for split, samples, labelled in listed:
+        num_classes = ade20k.NUM_CLASSES if labelled else 0
+        manifest = _shard(samples, out / split, "ade20k", split, num_classes, options)
+        rejected += len(manifest.rejected)
+    if rejected:
+        print(f"{rejected} sample(s) rejected: reasons are listed under \"rejected\" in each manifest.json")
+    return 0
+
+
+def shard_images(src: Path, out: Path, split: str, dataset: str, **options) -> int:
+    if not dataset or "-" in dataset or "/" in dataset or not split or "/" in split:
+        raise BadSourceError(f"--dataset and --split must be plain names without '-' or '/', got {dataset!r}, {split!r}.")
+    _shard(image_folder_samples(src), out / split, dataset, split, 0, options)
+    return 0
+
+
+def _shard(samples, split_dir: Path, dataset: str, split: str, num_classes: int, options: dict):
+    with progress_reporter(len(samples), f"{dataset}/{split}") as progress:
+        manifest, summary = write_split(samples, split_dir, dataset=dataset, split=split, num_classes=num_classes,
+                                        progress=progress, **options)
+    print(summary.line())
+    return manifest
+
+
+def verify(directory: Path) -> int:
+    """Verify one split folder, or every split folder (one with a manifest.json) under `directory`."""
+    if (directory / "manifest.json").is_file():
+        split_dirs = [directory]
+    else:
+        split_dirs = sorted(p.parent for p in directory.glob("*/manifest.json"))
+    if not split_dirs:
+        raise BadSourceError(f"{directory}: no manifest.json here or in its sub-folders; is it a shard folder?")
+    problems = [problem for split_dir in split_dirs for problem in verify_split(split_dir)]
+    for split_dir in split_dirs:
+        print(f"{split_dir}: {'FAILED' if any(p.startswith(str(split_dir)) for p in problems) else 'ok'}")
+    if problems:
+        raise ShardsError("shard verification failed: " + "; ".join(problems))
+    return 0

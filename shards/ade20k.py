@@ -1,0 +1,118 @@
+"""The ADE20K scene-parsing release (ADEChallengeData2016) as it lies on disk.
+
+Layout (http://sceneparsing.csail.mit.edu, Zhou et al. 2017)::
+
+    ADEChallengeData2016/
+      images/training/ADE_train_00000001.jpg        20,210 images
+      images/validation/ADE_val_00000001.jpg          2,000 images
+      annotations/training/ADE_train_00000001.png   single-channel 8-bit, 0..150, 0 = "other"
+      annotations/validation/...
+      objectInfo150.txt                             Idx, Ratio, Train, Val, Name (tab separated)
+
+A split without an annotations folder (the challenge's test images) is image-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.errors import BadSourceError
+
+NUM_CLASSES = 150
+SPLITS = ("training", "validation")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# The 150 class names in label order (label k names CLASSES[k - 1]); first alias of objectInfo150.txt.
+CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
+    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
+    "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair",
+    "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
+    "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
+    "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
+    "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+assert len(CLASSES) == NUM_CLASSES
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    """One image (and its label, when the split has labels) found in a source folder."""
+
+    key: str
+    image: Path
+    label: Path | None
+    source: str  # the image's path relative to the source root, as recorded in the sample's JSON
+
+
+def split_prefix(split: str) -> str:
+    """File-name prefix of a split: ADE_train_ for training, ADE_val_ for validation."""
+    return {"training": "ADE_train_", "validation": "ADE_val_"}.get(split, f"ADE_{split}_")
+
+
+def find_root(src: Path) -> Path:
+    """The folder holding images/ and annotations/: SRC itself, or SRC/ADEChallengeData2016."""
+    if not src.exists():
+        raise BadSourceError(f"{src}: no such folder; pass the ADEChallengeData2016 folder of the ADE20K release.")
+    for root in (src, src / "ADEChallengeData2016"):
+        if (root / "images").is_dir():
+            return root
+    raise BadSourceError(
+        f"{src} is not an ADE20K layout: expected images/training/*.jpg and annotations/training/*.png "
+        f"(the ADEChallengeData2016 folder of the release), found no images/ folder."
+    )
+
+
+def available_splits(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
+
+
+def list_split(root: Path, split: str) -> tuple[list[SourceSample], bool]:
+    """Every image of a split in file-name order, and whether the split has labels.
+
+    An image whose label file is missing still appears (label path set, file absent): the writer rejects it
+    with a reason instead of silently dropping it.
+    """
+    image_dir = root / "images" / split
+    if not image_dir.is_dir():
+        found = ", ".join(available_splits(root)) or "none"
+        raise BadSourceError(f"{root}: split {split!r} not found (expected {image_dir}/); splits present: {found}.")
+    label_dir = root / "annotations" / split
+    labelled = label_dir.is_dir()
+    samples = []
+    for path in sorted(image_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        label = label_dir / f"{path.stem}.png" if labelled else None
+        samples.append(SourceSample(path.stem, path, label, str(path.relative_to(root))))
+    if not samples:
+        raise BadSourceError(f"{image_dir}: no .jpg images; is this the ADEChallengeData2016 folder?")
+    return samples, labelled
+
+
+def object_info_lines(pixel_ratio: list[float], train_counts: list[int], val_counts: list[int]) -> list[str]:
+    """objectInfo150.txt in the release's format: header, then one tab-separated row per class."""
+    rows = ["Idx\tRatio\tTrain\tVal\tName"]
+    for k, name in enumerate(CLASSES):
+        rows.append(f"{k + 1}\t{pixel_ratio[k]:.4f}\t{train_counts[k]}\t{val_counts[k]}\t{name}")
+    return rows
+
+
+def read_class_names(object_info: Path) -> list[str]:
+    """Class names from an objectInfo150.txt (first alias of each `a;b;c` name)."""
+    names = []
+    for line in object_info.read_text().splitlines()[1:]:
+        fields = line.split("\t")
+        if len(fields) >= 5:
+            names.append(fields[4].split(";")[0].strip())
+    return names

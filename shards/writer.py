@@ -1,0 +1,347 @@
+"""Pack a source folder into WebDataset tar shards plus manifest.json.
+
+A sample is `<key>.jpg` (the original bytes, never re-encoded), `<key>.json` and, for labelled splits,
+`<key>.seg.png` (original bytes). Every file is checked before it is packed: the image and the label must
+decode, the label must be single-channel 8-bit with values 0..150 and the image's size. A sample that fails
+is left out and listed in the manifest's `rejected` with the reason; the run still succeeds unless strict.
+
+Output is deterministic: members in sorted order, mtime 0, uid/gid 0, no user names, the same shard
+boundaries whatever the number of workers. A shard is written to `.<name>.tmp` and renamed when complete, so an
+interrupted run never leaves a partial tar under a final name; a rerun skips shards that are complete and
+match their recorded sha256, and whose source files (names, sizes, mtimes) are unchanged.
+
+Note: workers only check samples (decoding is the costly part); the parent reads the bytes again from the
+page cache and writes the tars, so shards stay identical for any --workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from shards import ade20k
+from shards.ade20k import SourceSample
+from shards.errors import BadSourceError, ShardsError
+from shards.manifest import Manifest, Rejection, ShardEntry, write_atomic
+
+STATE_FILE = ".shard-state.json"  # per-shard source fingerprints, for reruns; not part of the format
+JSON_OVERHEAD = 512 + 1024  # tar header + a generous JSON member, used only to plan shard sizes
+
+
+@dataclass
+class CheckResult:
+    """What a worker found out about one source sample."""
+
+    key: str
+    reason: str | None  # None when the sample is good
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    out: Path
+    num_samples: int
+    num_rejected: int
+    num_shards: int
+    reused_shards: int
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.num_samples / max(self.seconds, 1e-9)
+        mb_s = self.bytes / 1e6 / max(self.seconds, 1e-9)
+        reused = f", {self.reused_shards} reused" if self.reused_shards else ""
+        return (
+            f"{self.split}: {self.num_samples} samples in {self.num_shards} shards{reused} "
+            f"({self.bytes / 1e6:.1f} MB), {self.num_rejected} rejected, {self.seconds:.1f} s "
+            f"({rate:.0f} samples/s, {mb_s:.1f} MB/s) -> {self.out}"
+        )
+
+
+def check_sample(sample: SourceSample) -> CheckResult:
+    """Decode the image (and label) fully; say why the sample cannot be used, or None."""
+    try:
+        with Image.open(sample.image) as image:
+            image.load()
+            size = image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return CheckResult(sample.key, f"image does not decode: {exc}")
+    if sample.label is None:
+        return CheckResult(sample.key, None, *size)
+    if not sample.label.is_file():
+        return CheckResult(sample.key, f"no label: {sample.label.name} is missing")
+    try:
+        with Image.open(sample.label) as label:
+            if label.format != "PNG" or label.mode not in ("L", "P"):
+                return CheckResult(
+                    sample.key, f"label is not a single-channel 8-bit PNG (format {label.format}, mode {label.mode})"
+                )
+            values = np.asarray(label)
+    except (OSError, SyntaxError, ValueError) as exc:
+        return CheckResult(sample.key, f"label does not decode: {exc}")
+    if values.max(initial=0) > ade20k.NUM_CLASSES:
+        return CheckResult(sample.key, f"label value {int(values.max())} > {ade20k.NUM_CLASSES}")
+    if label.size != size:
+        return CheckResult(sample.key, f"image is {size[0]}x{size[1]} but label is {label.size[0]}x{label.size[1]}")
+    return CheckResult(sample.key, None, *size)
+
+
+def plan_shards(samples: list[SourceSample], samples_per_shard: int, max_shard_bytes: float) -> list[list[SourceSample]]:
+    """Cut the sample list into shards by count and by source bytes; depends on the sources only."""
+    shards: list[list[SourceSample]] = [[]]
+    size = 0
+    for sample in samples:
+        sample_bytes = sample.image.stat().st_size + JSON_OVERHEAD
+        if sample.label is not None and sample.label.is_file():
+            sample_bytes += sample.label.stat().st_size + 512
+        current = shards[-1]
+        if current and (len(current) >= samples_per_shard or size + sample_bytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(sample)
+        size += sample_bytes
+    return shards
+
+
+def fingerprint(samples: list[SourceSample]) -> str:
+    """Identifies a shard's sources: names, sizes and mtimes of every file."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for path in (sample.image, sample.label):
+            if path is not None:
+                stat = path.stat() if path.exists() else None
+                digest.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class _HashingFile:
+    """A write-only file wrapper that counts bytes and hashes them as tarfile writes."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, members: Iterator[tuple[str, bytes]]) -> ShardEntry:
+    """Write (name, bytes) members to `path` atomically; returns the manifest entry (samples counted by .json)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with open(tmp, "wb") as raw:
+        hashing = _HashingFile(raw)
+        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in members:
+                _member(tar, name, data)
+                count += name.endswith(".json")
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return ShardEntry(path.name, count, hashing.size, hashing.sha256.hexdigest())
+
+
+def sample_members(sample: SourceSample, check: CheckResult, dataset: str, split: str) -> list[tuple[str, bytes]]:
+    """The tar members of one good sample, in sorted name order."""
+    suffix = "jpg" if sample.image.suffix.lower() in (".jpg", ".jpeg") else sample.image.suffix.lower()[1:]
+    meta = {"dataset": dataset, "split": split, "source": sample.source, "width": check.width, "height": check.height}
+    members = [
+        (f"{sample.key}.{suffix}", sample.image.read_bytes()),
+        (f"{sample.key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
+    ]
+    if sample.label is not None:
+        members.append((f"{sample.key}.seg.png", sample.label.read_bytes()))
+    return sorted(members)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state(split_dir: Path) -> dict:
+    try:
+        return json.loads((split_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _reusable(split_dir: Path, recorded: dict | None, fp: str) -> bool:
+    if not recorded or recorded.get("fingerprint") != fp:
+        return False
+    path = split_dir / recorded["entry"]["name"]
+    return path.is_file() and path.stat().st_size == recorded["entry"]["bytes"] and sha256_file(path) == recorded["entry"]["sha256"]
+
+
+def write_split(
+    samples: list[SourceSample],
+    split_dir: Path,
+    *,
+    dataset: str,
+    split: str,
+    num_classes: int,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: float = 1e9,
+    workers: int = 1,
+    strict: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Manifest, SplitSummary]:
+    """Shard one split; `progress(samples_done, bytes_done)` is called as samples are packed."""
+    if samples_per_shard < 1 or max_shard_bytes <= 0 or workers < 1:
+        raise BadSourceError("--samples-per-shard, --max-shard-bytes and --workers must be positive.")
+    start = time.perf_counter()
+    split_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(samples, samples_per_shard, max_shard_bytes)
+    state = _load_state(split_dir)
+    new_state: dict[str, dict] = {}
+    manifest = Manifest(dataset=dataset, split=split, num_classes=num_classes)
+    reused = done = written = 0
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for index, shard_samples in enumerate(plan):
+            name = f"{dataset}-{split}-{index:06d}.tar"
+            fp = fingerprint(shard_samples)
+            if _reusable(split_dir, state.get(name), fp):
+                record = state[name]
+                reused += 1
+                done += record["entry"]["num_samples"]
+                written += record["entry"]["bytes"]
+            else:
+                checks = pool.imap(check_sample, shard_samples, chunksize=8) if pool else map(check_sample, shard_samples)
+                rejected: list[Rejection] = []
+
+                def members() -> Iterator[tuple[str, bytes]]:
+                    nonlocal done, written
+                    for sample, check in zip(shard_samples, checks):
+                        if check.reason is not None:
+                            rejected.append(Rejection(sample.source, check.reason))
+                            continue
+                        sample_bytes = sample_members(sample, check, dataset, split)
+                        done += 1
+                        written += sum(len(data) for _, data in sample_bytes)
+                        if progress:
+                            progress(done, written)
+                        yield from sample_bytes
+
+                entry = write_shard(split_dir / name, members())
+                record = {"fingerprint": fp, "entry": asdict(entry), "rejected": [asdict(r) for r in rejected]}
+            new_state[name] = record
+            manifest.shards.append(ShardEntry(**record["entry"]))
+            manifest.rejected.extend(Rejection(**r) for r in record["rejected"])
+            write_atomic(split_dir / STATE_FILE, json.dumps(new_state, indent=1).encode())
+    finally:
+        if pool:
+            pool.terminate()
+    _remove_stale_shards(split_dir, dataset, split, {s.name for s in manifest.shards})
+    if strict and manifest.rejected:
+        first = manifest.rejected[0]
+        raise ShardsError(
+            f"{len(manifest.rejected)} sample(s) rejected in {split} and --strict is set; first: {first.source}: "
+            f"{first.reason}. Shards were written, the manifest was not."
+        )
+    manifest.save(split_dir)
+    total_bytes = sum(s.bytes for s in manifest.shards)
+    summary = SplitSummary(
+        split, split_dir, manifest.num_samples, len(manifest.rejected), len(plan), reused, total_bytes,
+        time.perf_counter() - start,
+    )
+    return manifest, summary
+
+
+def _remove_stale_shards(split_dir: Path, dataset: str, split: str, keep: set[str]) -> None:
+    """Delete shards of an earlier run of this tool that the current plan no longer has."""
+    pattern = re.compile(rf"^{re.escape(dataset)}-{re.escape(split)}-\d{{6}}\.tar$")
+    for path in split_dir.iterdir():
+        if pattern.match(path.name) and path.name not in keep:
+            path.unlink()
+
+
+def image_folder_samples(src: Path) -> list[SourceSample]:
+    """Every image under `src` (recursively) as an unlabelled sample; keys are relative paths without dots."""
+    if not src.is_dir():
+        raise BadSourceError(f"{src}: no such folder; pass a folder of .jpg/.png images.")
+    samples, seen = [], set()
+    for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in ade20k.IMAGE_SUFFIXES and p.is_file()):
+        relative = path.relative_to(src)
+        key = str(relative.with_suffix("")).replace(".", "_")
+        if key in seen:
+            continue  # a.jpg and a.png: the first (in sorted order) is kept
+        seen.add(key)
+        samples.append(SourceSample(key, path, None, str(relative)))
+    if not samples:
+        raise BadSourceError(f"{src}: no .jpg or .png images found.")
+    return samples
+
+
+def progress_reporter(total: int, description: str):
+    """A rich progress bar on a terminal (samples, MB/s); a no-op context otherwise."""
+    if not sys.stderr.isatty():
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return _RichProgress(
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[mb_s]:.1f} MB/s"), TimeRemainingColumn(), transient=True,
+        ),
+        total,
+        description,
+    )
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _RichProgress:
+    def __init__(self, progress, total: int, description: str):
+        self.progress, self.total, self.description = progress, total, description
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        self.progress.start()
+        task = self.progress.add_task(self.description, total=self.total, mb_s=0.0)
+        start = time.perf_counter()
+
+        def update(samples: int, written: int) -> None:
+            mb_s = written / 1e6 / max(time.perf_counter() - start, 1e-9)
+            self.progress.update(task, completed=samples, mb_s=mb_s)
+
+        return update
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
