@@ -1,24 +1,32 @@
 """Random access to the samples of a shard, by position, through an index of the tar headers.
 
 A shard is indexed once per process by walking its tar headers (512 bytes each; the data is seeked over,
-never read), then any sample is one `pread` per member. File names split into key and suffix exactly as
-webdataset does (`webdataset.tariterators.base_plus_ext`), so these tars read the same here and in
-webdataset, Hugging Face `datasets` or `tar -xf`.
+never read), then any sample is one `pread` per member. File names split into key and suffix by webdataset's
+rule (`webdataset.tariterators.base_plus_ext`, restated here because importing webdataset imports torch, and
+`segjobs shard verify` must start fast), so these tars read the same here and in webdataset.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from webdataset.tariterators import base_plus_ext
-
 from shards import manifest as manifest_io
 from shards.errors import CorruptShardError
 from shards.writer import sha256_file
+
+
+_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def split_name(name: str) -> tuple[str | None, str | None]:
+    """'dir/ADE_train_1.seg.png' -> ('dir/ADE_train_1', 'seg.png'): the key ends at the basename's first dot."""
+    match = _KEY_AND_SUFFIX.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 @dataclass
@@ -43,7 +51,7 @@ def index_shard(path: Path) -> ShardIndex:
                 if info.offset_data + info.size > file_size:
                     index.damage = f"truncated at byte {file_size} inside {info.name}"
                     break
-                key, suffix = base_plus_ext(info.name)
+                key, suffix = split_name(info.name)
                 if key is None:
                     continue
                 if not index.keys or index.keys[-1] != key:
