@@ -13,6 +13,7 @@ and prints medians of images/s and MB/s with the ratio to the Pillow loop. Targe
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -73,6 +74,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for i in range(args.repeats):
             for name, run in contenders.items():  # interleaved, so drift hits every contender alike
+                os.sync()  # no contender pays for the previous one's dirty pages
                 start = time.perf_counter()
                 run(i)
                 times[name].append(time.perf_counter() - start)
