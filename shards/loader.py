@@ -216,7 +216,7 @@ class ShardLoader:
         for _ in range(self.stream.batches_left(self.position)):
             batch = next(self._batches)
             if "error" in batch:
-                self._batches = None
+                self.close()
                 raise CorruptShardError(batch["error"])
             self.skipped += batch.pop("skipped")
             self.position += per_step
@@ -225,7 +225,7 @@ class ShardLoader:
             self.epoch, self.position = self.epoch + 1, 0
         else:
             self.position = self.stream.num_samples
-            self._batches = None
+            self.close()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped, "seed": self.stream.seed,
@@ -242,15 +242,21 @@ class ShardLoader:
         self.skipped = state["skipped"]
         self._restart(state["epoch"], state["position"])
 
-    def _restart(self, epoch: int, position: int) -> None:
-        self.epoch, self.position = epoch, position
+    def close(self) -> None:
+        """Stop the loader workers now (they otherwise prefetch into the next epoch until garbage-collected)."""
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown:
+            shutdown()
         self._batches = None
+
+    def _restart(self, epoch: int, position: int) -> None:
+        self.close()
+        self.epoch, self.position = epoch, position
 
     def _start(self) -> None:
         self.stream.start_epoch, self.stream.start_position = self.epoch, self.position
         loader = torch.utils.data.DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            prefetch_factor=4 if self.num_workers else None,
+            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
         self._batches = iter(loader)
 
