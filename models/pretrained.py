@@ -1,0 +1,166 @@
+"""Pretrained weights from local files (compute clusters are often offline): the only file I/O in models/.
+
+Formats recognised, whatever the file name:
+- official DINO backbone files (dino_deitsmall8_pretrain.pth, ...): a plain ViT state dict;
+- full DINO training checkpoints: {"student", "teacher", ...}, keys prefixed `module.` and `backbone.`/`head.`
+  (the teacher is used: it is the network the paper evaluates);
+- timm checkpoints (.safetensors or .pth): a plain ViT state dict, classifier `head.*` ignored;
+- official Segmenter checkpoints: {"model": {"encoder.*", "decoder.*"}, ...};
+- state dicts of segjobs' own models (plain, or under "model").
+A ViT backbone (DINO, timm) loads into a Segmenter encoder too: the seed's "pretrained" Segmenter.
+
+Position embeddings are resized when the stored grid differs (bilinear for Segmenter, as its reference
+does when loading ImageNet weights; bicubic for DINO). Untrusted files load with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.vit import ViT, grid_side
+
+log = logging.getLogger(__name__)
+
+# Official DINO release files, found by name in torch's hub cache when already downloaded there.
+HUB_FILES = {
+    "dino_vits16": "dino_deitsmall16_pretrain.pth",
+    "dino_vits8": "dino_deitsmall8_pretrain.pth",
+    "dino_vitb16": "dino_vitbase16_pretrain.pth",
+    "dino_vitb8": "dino_vitbase8_pretrain.pth",
+}
+
+
+class PretrainedError(Exception):
+    """A pretrained file that cannot be used: missing, unreadable, or not weights for this model."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.loaded} tensors from {self.source}"]
+        if self.resized:
+            parts.append(f"resized {', '.join(self.resized)}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} left at initialisation ({_abbreviate(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} in the file unused ({_abbreviate(self.unexpected)})")
+        return "; ".join(parts)
+
+
+def _abbreviate(keys: list[str], shown: int = 4) -> str:
+    return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+
+
+def resolve(pretrained: str | Path) -> Path:
+    """A file path as given, or an official name found in torch's hub cache; else a clear error."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    name = str(pretrained)
+    if name in HUB_FILES:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILES[name]
+        if cached.is_file():
+            return cached
+        raise PretrainedError(
+            f"pretrained {name!r}: {HUB_FILES[name]} is not in the torch hub cache ({cached.parent}) and nothing "
+            f"is downloaded at run time. Download it once where there is internet and pass the file: "
+            f"pretrained=/path/to/{HUB_FILES[name]}."
+        )
+    raise PretrainedError(f"pretrained {name!r}: no such file (known names: {', '.join(sorted(HUB_FILES))}).")
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a checkpoint file and a word for its format."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path)), "safetensors"
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the file's fault here
+        raise PretrainedError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}).") from None
+    if isinstance(obj, dict) and "teacher" in obj:
+        state, kind = obj["teacher"], "DINO training checkpoint (teacher)"
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state, kind = obj["model"], "checkpoint with a 'model' entry"
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state, kind = obj["state_dict"], "checkpoint with a 'state_dict' entry"
+    else:
+        state, kind = obj, "state dict"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedError(f"{path}: holds no state dict of tensors.")
+    return {_strip(k, "module."): v for k, v in state.items()}, kind
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def _is_bare_vit(state: dict[str, torch.Tensor]) -> bool:
+    return "cls_token" in state and "pos_embed" in state
+
+
+def adapt_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a checkpoint's keys into `model`'s namespace (backbone. for DINO, encoder. for Segmenter)."""
+    targets = model.state_dict().keys()
+    vit_prefix = next((p for p in ("backbone.", "encoder.") if f"{p}cls_token" in targets), "")
+    if not vit_prefix:
+        return state
+    if _is_bare_vit(state):
+        return {vit_prefix + k: v for k, v in state.items()}
+    if vit_prefix == "encoder." and "backbone.cls_token" in state:  # a DINO checkpoint into a Segmenter
+        return {"encoder." + k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], mode: str) -> torch.Tensor:
+    """(1, 1 + N, D) position embeddings (CLS first) resized to a `grid` of patches."""
+    side = grid_side(pos_embed.shape[1] - 1)
+    patch_pos = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode=mode).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
+
+
+def load_pretrained(model: nn.Module, pretrained: str | Path) -> LoadReport:
+    """Load a local file (any format above) into `model`; returns and logs what was loaded and what not."""
+    path = resolve(pretrained)
+    state, kind = read_state_dict(path)
+    state = adapt_keys(state, model)
+    own = model.state_dict()
+    report = LoadReport(source=f"{path} ({kind})", loaded=0)
+    usable = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        target = own[key]
+        if key.endswith("pos_embed") and value.shape != target.shape:
+            vit = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+            mode = "bilinear" if isinstance(vit, ViT) and vit.config.pos_resize == "bilinear" else "bicubic"
+            value = resize_pos_embed(value, vit.grid_size, mode)
+            report.resized.append(f"{key} {tuple(state[key].shape)} -> {tuple(value.shape)}")
+        if value.shape != target.shape:
+            raise PretrainedError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}; "
+                f"is the file for another architecture (patch size, width)?"
+            )
+        usable[key] = value
+    if not usable:
+        raise PretrainedError(f"{path}: none of its {len(state)} tensors matches this model's parameter names.")
+    model.load_state_dict(usable, strict=False)
+    report.loaded = len(usable)
+    report.missing = [k for k in own if k not in usable]
+    log.info("pretrained: %s", report.summary())
+    return report

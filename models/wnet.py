@@ -1,0 +1,203 @@
+"""W-Net: A Deep Model for Fully Unsupervised Image Segmentation (Xia & Kulis 2017,
+https://arxiv.org/abs/1711.08506).
+
+Two U-Nets back to back: U-Enc maps an image to a K-way softmax segmentation, U-Dec reconstructs the image
+from it. Each U-Net has 9 modules (18 in all) of two 3x3 convolutions, each followed by ReLU and batch
+norm; all but the first and last module of each U-Net use depthwise-separable convolutions. Modules are
+joined by 2x2 max pooling, 2x2 transposed convolutions and skip connections, as in U-Net.
+
+Training alternates (the W-Net task runs the schedule): a soft normalized-cut step on U-Enc, then a
+reconstruction step on both. `soft_ncut_loss` here is the exact loss, computed window offset by window
+offset without building the HW x HW affinity matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import register
+
+
+@dataclass(frozen=True)
+class WNetConfig:
+    num_segments: int = 20  # K
+    in_channels: int = 3
+    base_channels: int = 64  # paper: 64, 128, 256, 512, 1024 down the U
+    levels: int = 5  # modules down the contracting path, bottom included
+    dropout: float = 0.65  # the paper's rate
+
+
+class Module(nn.Module):
+    """Two 3x3 convolutions, each followed by ReLU and BN; depthwise-separable when `separable`."""
+
+    def __init__(self, in_channels: int, out_channels: int, separable: bool, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in in (in_channels, out_channels):
+            if separable:
+                layers += [nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in), nn.Conv2d(c_in, out_channels, 1)]
+            else:
+                layers.append(nn.Conv2d(c_in, out_channels, 3, padding=1))
+            layers += [nn.ReLU(inplace=True), nn.BatchNorm2d(out_channels)]
+        layers.append(nn.Dropout(dropout))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, base: int, levels: int, dropout: float):
+        super().__init__()
+        widths = [base * 2**i for i in range(levels)]
+        count = 2 * levels - 1
+        self.down = nn.ModuleList(
+            Module(in_channels if i == 0 else widths[i - 1], widths[i], separable=i != 0, dropout=dropout)
+            for i in range(levels)
+        )
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels - 1)))
+        self.merge = nn.ModuleList(
+            Module(2 * widths[i], widths[i], separable=levels + k != count - 1, dropout=dropout)
+            for k, i in enumerate(reversed(range(levels - 1)))
+        )
+        self.out = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for index, module in enumerate(self.down):
+            if index:
+                x = F.max_pool2d(x, 2)
+            x = module(x)
+            skips.append(x)
+        skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([skips.pop(), up(x)], dim=1))
+        return self.out(x)
+
+
+class WNet(nn.Module):
+    """`forward(images) -> (segmentation probabilities (B, K, H, W), reconstruction (B, C, H, W))`.
+
+    Any H, W: inputs are padded (replicating edges) to a multiple of 2^(levels-1) and outputs cropped back.
+    """
+
+    def __init__(self, config: WNetConfig):
+        super().__init__()
+        self.config = config
+        args = (config.base_channels, config.levels, config.dropout)
+        self.encoder = UNet(config.in_channels, config.num_segments, *args)
+        self.decoder = UNet(config.num_segments, config.in_channels, *args)
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """U-Enc only: segmentation probabilities (B, K, H, W)."""
+        padded, (height, width) = self._pad(images)
+        return self.encoder(padded).softmax(dim=1)[..., :height, :width]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        padded, (height, width) = self._pad(images)
+        probs = self.encoder(padded).softmax(dim=1)
+        reconstruction = self.decoder(probs)
+        return probs[..., :height, :width], reconstruction[..., :height, :width]
+
+    def _pad(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        multiple = 2 ** (self.config.levels - 1)
+        height, width = images.shape[-2:]
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+        return images, (height, width)
+
+
+def window_offsets(radius: float) -> list[tuple[int, int]]:
+    """Half of the offsets (dy, dx) != 0 with dy^2 + dx^2 < radius^2: one of each (o, -o) pair (W is symmetric)."""
+    reach = math.ceil(radius)
+    return [(dy, dx) for dy in range(0, reach + 1) for dx in range(-reach, reach + 1)
+            if 0 < dy * dy + dx * dx < radius * radius and (dy > 0 or dx > 0)]
+
+
+class _SoftNCut(torch.autograd.Function):
+    """Exact soft N-cut with a hand-written backward.
+
+    With A = W p and D = W 1 (degrees): num_k = p_k . A_k, den_k = p_k . D, loss = K - sum_k num_k / den_k.
+    W symmetric gives d num_k / d p_k = 2 A_k and d den_k / d p_k = D, so backward needs only A and D:
+    memory about 2 x B*K*H*W, never one tensor per window offset, never HW x HW.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, image, radius, sigma_i, sigma_x):
+        batch, k, height, width = probs.shape
+        affinity_sum = probs.clone()  # the centre term: w_ii = 1
+        degree = probs.new_ones(batch, 1, height, width)
+        for dy, dx in window_offsets(radius):
+            rows_i, rows_j = slice(0, height - dy), slice(dy, height)
+            cols_i = slice(max(0, -dx), width - max(0, dx))
+            cols_j = slice(max(0, dx), width + min(0, dx))
+            diff = image[..., rows_i, cols_i] - image[..., rows_j, cols_j]
+            weight = torch.exp(diff.square().sum(dim=1, keepdim=True) * (-1 / sigma_i**2) - (dy * dy + dx * dx) / sigma_x**2)
+            affinity_sum[..., rows_i, cols_i].addcmul_(weight, probs[..., rows_j, cols_j])
+            affinity_sum[..., rows_j, cols_j].addcmul_(weight, probs[..., rows_i, cols_i])
+            degree[..., rows_i, cols_i] += weight
+            degree[..., rows_j, cols_j] += weight
+        num = (probs * affinity_sum).sum(dim=(2, 3))
+        den = (probs * degree).sum(dim=(2, 3))
+        ctx.save_for_backward(affinity_sum, degree, num, den)
+        return (k - (num / den).sum(dim=1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        affinity_sum, degree, num, den = ctx.saved_tensors
+        num, den = num[..., None, None], den[..., None, None]
+        grad = (num * degree - 2 * affinity_sum * den) / den.square()
+        return grad * (grad_output / affinity_sum.shape[0]), None, None, None, None
+
+
+def soft_ncut_loss(probs: torch.Tensor, image: torch.Tensor, radius: float = 5, sigma_i: float = 10.0,
+                   sigma_x: float = 4.0) -> torch.Tensor:
+    """The soft normalized cut of Xia & Kulis, exact, averaged over the batch.
+
+    w_ij = exp(-||F_i - F_j||^2 / sigma_i^2) * exp(-||X_i - X_j||^2 / sigma_x^2) for ||X_i - X_j|| < radius,
+    else 0; loss = K - sum_k (sum_ij w_ij p_ik p_jk) / (sum_ij w_ij p_ik).
+
+    probs: B x K x H x W (softmax output); image: B x C x H x W in the units sigma_i assumes (the paper's
+    sigma_i = 10 is for 0..255 pixel values). The image receives no gradient. Computed in float32.
+    """
+    return _SoftNCut.apply(probs.float(), image.detach().float(), radius, sigma_i, sigma_x)
+
+
+def dense_soft_ncut_loss(probs: torch.Tensor, image: torch.Tensor, radius: float = 5, sigma_i: float = 10.0,
+                         sigma_x: float = 4.0) -> torch.Tensor:
+    """The same loss from the full HW x HW affinity matrix: O((HW)^2) memory, a reference for tests and
+    benchmarks on small images only."""
+    batch, k, height, width = probs.shape
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()], dim=1).to(probs)
+    spatial = torch.cdist(coords, coords).square()
+    features = image.flatten(2).transpose(1, 2).to(probs)  # B, HW, C
+    weights = torch.exp(-torch.cdist(features, features).square() / sigma_i**2) * torch.exp(-spatial / sigma_x**2)
+    weights = weights * (spatial < radius**2)
+    p = probs.flatten(2)  # B, K, HW
+    num = torch.einsum("bki,bij,bkj->bk", p, weights, p)
+    den = torch.einsum("bki,bij->bk", p, weights)
+    return (k - (num / den).sum(dim=1)).mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the U-Dec output and the input."""
+    return F.mse_loss(reconstruction, images)
+
+
+@register("wnet", "wnet")
+def wnet(**options) -> WNet:
+    """W-Net with the paper's widths (64 base channels, K = 20)."""
+    return WNet(WNetConfig(**options))
+
+
+@register("wnet_tiny", "wnet")
+def wnet_tiny(**options) -> WNet:
+    """W-Net with 16 base channels and dropout 0.2: trains on a CPU in minutes."""
+    return WNet(WNetConfig(**{"base_channels": 16, "dropout": 0.2, **options}))
