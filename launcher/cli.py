@@ -4,6 +4,7 @@
     segjobs shard ade20k data/synth data/shards/ade20k --workers 2
     segjobs shard images ~/frames data/shards/frames --split training
     segjobs shard verify data/shards/ade20k/training
+    segjobs models --json
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
 `--debug` adds the traceback. Heavy imports (torch) happen inside the subcommand that needs them, so
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--split", required=True, help="split name, e.g. training")
     images.add_argument("--dataset", default="images", help="dataset name used in shard names (default images)")
 
+    listing = commands.add_parser("models", help="list every model variant with its parameter count")
+    listing.add_argument("--json", action="store_true", help="a JSON list of {name, family, params, ...}")
+
     verify = kinds.add_parser("verify", help="re-check shards against manifest.json (exit 1 on a bad shard)")
     verify.add_argument("dir", type=Path, help="a split folder, or a folder of split folders")
     return parser
@@ -114,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
             splits = args.splits.split(",") if args.splits else None
             return data_commands.shard_ade20k(args.src, args.out, splits, **options)
         return data_commands.shard_images(args.src, args.out, args.split, args.dataset, **options)
+    if args.command == "models":
+        from launcher import catalog
+
+        return catalog.show(as_json=args.json)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -8,8 +8,9 @@ Parameter names are timm's, which are also those of the DINO and Segmenter refer
 Note: the two references differ in details that change outputs, so they are options here, not forks:
 - LayerNorm eps: DINO 1e-6, Segmenter 1e-5 (torch's default).
 - Pos-embed resizing for other input sizes: Segmenter resizes the grid to the new size with bilinear
-  interpolation (`pos_resize="bilinear"`); DINO uses bicubic interpolation by a scale factor of
-  (new + 0.1) / old per side (`pos_resize="dino"`), and only when the token count or aspect changes.
+  interpolation, and only when the token count changes (`pos_resize="bilinear"`); DINO uses bicubic
+  interpolation by a scale factor of (new + 0.1) / old per side, unless the token count is unchanged and
+  the image is square (`pos_resize="dino"`).
 """
 
 from __future__ import annotations
@@ -68,30 +69,31 @@ class ViT(VisionTransformer):
         side = self.config.img_size // self.config.patch_size
         return side, side
 
-    def resized_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        """pos_embed for a `grid` of patches, resized as the reference of this model does."""
+    def resized_pos_embed(self, grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+        """pos_embed for a `grid` of patches cut from an image of `image_size`, resized as this model's
+        reference does, including when each reference leaves it alone."""
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         old_h, old_w = self.grid_size
+        same_count = grid[0] * grid[1] == old_h * old_w
+        grid_pos = patch_pos.reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
         if self.config.pos_resize == "dino":
-            if grid[0] * grid[1] == old_h * old_w and grid[0] == grid[1]:
+            if same_count and image_size[0] == image_size[1]:  # DINO compares the image's sides, not the grid's
                 return self.pos_embed
-            grid_pos = patch_pos.reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
             # DINO's interpolate_pos_encoding: a scale factor with +0.1 to avoid floating-point truncation.
             grid_pos = F.interpolate(grid_pos, scale_factor=((grid[0] + 0.1) / old_h, (grid[1] + 0.1) / old_w), mode="bicubic")
         else:
-            if grid == (old_h, old_w):
+            if same_count:  # Segmenter resizes only when the token count changes
                 return self.pos_embed
-            grid_pos = patch_pos.reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
             grid_pos = F.interpolate(grid_pos, size=grid, mode="bilinear")
         return torch.cat([cls_pos, grid_pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens with the CLS token prepended and positions added: (B, 1 + h * w, D)."""
-        patches = self.patch_embed.proj(images)  # B, D, h, w (sizes must be patch multiples)
-        grid = patches.shape[-2:]
+        patches = self.patch_embed.proj(images)  # B, D, h, w; a remainder smaller than a patch is dropped
+        grid = tuple(patches.shape[-2:])
         tokens = patches.flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return self.pos_drop(tokens + self.resized_pos_embed(tuple(grid)))
+        return self.pos_drop(tokens + self.resized_pos_embed(grid, tuple(images.shape[-2:])))
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: (B, 1 + num_patches, D), CLS first."""

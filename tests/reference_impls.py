@@ -1,0 +1,84 @@
+"""Independent, functional restatements of the reference forwards (rstrudel/segmenter, facebookresearch/dino),
+written from their published semantics with plain torch ops: the oracles the model tests compare against.
+They read a state dict by the references' key names, so they also check that ours loads without renaming."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def block(x, st, prefix, heads, eps):
+    batch, count, dim = x.shape
+    h = F.layer_norm(x, (dim,), st[f"{prefix}norm1.weight"], st[f"{prefix}norm1.bias"], eps)
+    qkv = F.linear(h, st[f"{prefix}attn.qkv.weight"], st[f"{prefix}attn.qkv.bias"])
+    q, k, v = qkv.reshape(batch, count, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(dim=-1)
+    h = (attn @ v).transpose(1, 2).reshape(batch, count, dim)
+    x = x + F.linear(h, st[f"{prefix}attn.proj.weight"], st[f"{prefix}attn.proj.bias"])
+    h = F.layer_norm(x, (dim,), st[f"{prefix}norm2.weight"], st[f"{prefix}norm2.bias"], eps)
+    h = F.linear(F.gelu(F.linear(h, st[f"{prefix}mlp.fc1.weight"], st[f"{prefix}mlp.fc1.bias"])),
+                 st[f"{prefix}mlp.fc2.weight"], st[f"{prefix}mlp.fc2.bias"])
+    return x + h, attn
+
+
+def patch_tokens(images, st, prefix, patch):
+    x = F.conv2d(images, st[f"{prefix}patch_embed.proj.weight"], st[f"{prefix}patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)
+    return torch.cat([st[f"{prefix}cls_token"].expand(x.shape[0], -1, -1), x], dim=1)
+
+
+def segmenter_logits(st, images, patch, heads, decoder_heads, num_classes, depth=12):
+    """Segmenter.forward: pad, ViT (LayerNorm eps 1e-5), decoder, bilinear upsampling, unpad."""
+    height, width = images.shape[-2:]
+    images = F.pad(images, (0, -width % patch, 0, -height % patch))
+    gh, gw = images.shape[-2] // patch, images.shape[-1] // patch
+    x = patch_tokens(images, st, "encoder.", patch)
+    pos = st["encoder.pos_embed"]
+    if x.shape[1] != pos.shape[1]:  # the reference's resize_pos_embed
+        old = int(math.sqrt(pos.shape[1] - 1))
+        grid = pos[0, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bilinear").permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        pos = torch.cat([pos[:, :1], grid], dim=1)
+    x = x + pos
+    for i in range(depth):
+        x, _ = block(x, st, f"encoder.blocks.{i}.", heads, 1e-5)
+    x = F.layer_norm(x, (x.shape[-1],), st["encoder.norm.weight"], st["encoder.norm.bias"], 1e-5)[:, 1:]
+    if "decoder.head.weight" in st:
+        masks = F.linear(x, st["decoder.head.weight"], st["decoder.head.bias"])
+    else:
+        x = F.linear(x, st["decoder.proj_dec.weight"], st["decoder.proj_dec.bias"])
+        x = torch.cat([x, st["decoder.cls_emb"].expand(x.shape[0], -1, -1)], dim=1)
+        for i in range(2):
+            x, _ = block(x, st, f"decoder.blocks.{i}.", decoder_heads, 1e-5)
+        x = F.layer_norm(x, (x.shape[-1],), st["decoder.decoder_norm.weight"], st["decoder.decoder_norm.bias"], 1e-5)
+        patches, classes = x[:, :-num_classes] @ st["decoder.proj_patch"], x[:, -num_classes:] @ st["decoder.proj_classes"]
+        patches = patches / patches.norm(dim=-1, keepdim=True)
+        classes = classes / classes.norm(dim=-1, keepdim=True)
+        masks = patches @ classes.transpose(1, 2)
+        masks = F.layer_norm(masks, (num_classes,), st["decoder.mask_norm.weight"], st["decoder.mask_norm.bias"], 1e-5)
+    masks = masks.transpose(1, 2).reshape(images.shape[0], num_classes, gh, gw)
+    masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear")
+    return masks[..., :height, :width]
+
+
+def dino_forward(st, images, patch, heads, depth=12):
+    """DINO VisionTransformer: (CLS feature after the final norm, last block's attention)."""
+    batch, _, w, h = images.shape  # the reference's own naming: w is the height here
+    x = patch_tokens(images, st, "", patch)
+    pos = st["pos_embed"]
+    npatch, n = x.shape[1] - 1, pos.shape[1] - 1
+    if not (npatch == n and w == h):
+        side = math.sqrt(n)
+        w0, h0 = w // patch + 0.1, h // patch + 0.1
+        grid = pos[:, 1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=(w0 / side, h0 / side), mode="bicubic")
+        pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], dim=1)
+    x = x + pos
+    attn = None
+    for i in range(depth):
+        x, attn = block(x, st, f"blocks.{i}.", heads, 1e-6)
+    x = F.layer_norm(x, (x.shape[-1],), st["norm.weight"], st["norm.bias"], 1e-6)
+    return x[:, 0], attn
