@@ -143,17 +143,22 @@ class _SoftNCut(torch.autograd.Function):
             affinity_sum[..., rows_j, cols_j].addcmul_(weight, probs[..., rows_i, cols_i])
             degree[..., rows_i, cols_i] += weight
             degree[..., rows_j, cols_j] += weight
-        num = (probs * affinity_sum).sum(dim=(2, 3))
-        den = (probs * degree).sum(dim=(2, 3))
+        num = torch.einsum("bkhw,bkhw->bk", probs, affinity_sum)
+        den = torch.einsum("bkhw,bhw->bk", probs, degree[:, 0])
         ctx.save_for_backward(affinity_sum, degree, num, den)
+        ctx.consumed = False
         return (k - (num / den).sum(dim=1)).mean()
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.consumed:
+            raise RuntimeError("soft_ncut_loss supports a single backward per forward (no retain_graph)")
+        ctx.consumed = True
         affinity_sum, degree, num, den = ctx.saved_tensors
         num, den = num[..., None, None], den[..., None, None]
-        grad = (num * degree - 2 * affinity_sum * den) / den.square()
-        return grad * (grad_output / affinity_sum.shape[0]), None, None, None, None
+        # d loss / d p_k = (num_k D - 2 A_k den_k) / den_k^2, built in A's memory: no new B*K*H*W tensor
+        grad = affinity_sum.mul_(-2 * den).addcmul_(num, degree).div_(den.square())
+        return grad.mul_(grad_output / affinity_sum.shape[0]), None, None, None, None
 
 
 def soft_ncut_loss(probs: torch.Tensor, image: torch.Tensor, radius: float = 5, sigma_i: float = 10.0,

@@ -113,7 +113,8 @@ def test_soft_ncut_equals_the_dense_loss_and_gradient():
     assert abs(loss.item() - dense.item()) / dense.item() < 1e-5
     loss.backward()
     dense.backward()
-    assert torch.allclose(probs.grad, dense_probs.grad, rtol=1e-4, atol=1e-9)
+    scale = dense_probs.grad.abs().max().item()  # float32 accumulation: errors relative to the largest gradient
+    assert torch.allclose(probs.grad, dense_probs.grad, rtol=1e-4, atol=1e-6 * scale)
     radius3 = soft_ncut_loss(probs.detach(), image, radius=3, sigma_i=5.0, sigma_x=2.0)
     assert abs(radius3.item() - dense_soft_ncut_loss(probs.detach(), image, 3, 5.0, 2.0).item()) < 1e-5 * radius3.item()
 
@@ -172,3 +173,11 @@ def test_sliding_window_averages_to_whole_image_probabilities_when_one_window_fi
     assert torch.allclose(sliding_window_logits(model, images, window=96, stride=64), whole)
     slid = sliding_window_logits(model, images, window=48, stride=32)
     assert slid.shape == whole.shape and torch.allclose(slid.sum(1), torch.ones(1, 48, 80), atol=1e-5)
+
+
+def test_soft_ncut_refuses_a_second_backward():
+    probs = torch.rand(1, 3, 12, 12).softmax(1).requires_grad_()
+    loss = soft_ncut_loss(probs, torch.rand(1, 3, 12, 12))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single backward"):
+        loss.backward()
