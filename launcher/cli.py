@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--split", required=True, help="split name, e.g. training")
     images.add_argument("--dataset", default="images", help="dataset name used in shard names (default images)")
 
+    train = commands.add_parser("train", help="train a job spec on this machine (resumes a run with checkpoints)")
+    train.add_argument("spec", help="a job spec YAML file, e.g. jobs/demo_segmenter.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec field (value parsed as YAML), e.g. --set train.max_steps=100")
+
     listing = commands.add_parser("models", help="list every model variant with its parameter count")
     listing.add_argument("--json", action="store_true", help="a JSON list of {name, family, params, ...}")
 
@@ -93,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_status(exc: Exception) -> int | None:
     """The exit status for an error a user can cause; None for a bug (which keeps its traceback)."""
+    from launcher.spec import SpecError
     from shards.errors import BadSourceError, ShardsError
 
-    if isinstance(exc, BadSourceError):
+    if isinstance(exc, (BadSourceError, SpecError)):
         return USAGE_ERROR
     if isinstance(exc, ShardsError):
         return WORK_FAILED
+    if type(exc).__name__ == "PretrainedError":  # models.pretrained; not imported here, it imports torch
+        return USAGE_ERROR
     return None
 
 
@@ -118,6 +126,13 @@ def run(args: argparse.Namespace) -> int:
             splits = args.splits.split(",") if args.splits else None
             return data_commands.shard_ade20k(args.src, args.out, splits, **options)
         return data_commands.shard_images(args.src, args.out, args.split, args.dataset, **options)
+    if args.command == "train":
+        from launcher import train
+
+        result = train.train(args.spec, args.overrides)
+        if result.get("eval"):
+            print(f"step {result['step']}: mIoU {result['eval']['miou']:.4f}, pixel accuracy {result['eval']['pixel_acc']:.4f}")
+        return 0
     if args.command == "models":
         from launcher import catalog
 

@@ -170,20 +170,19 @@ def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    """teacher = momentum * teacher + (1 - momentum) * student, in one fused pass over all parameters."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)
 
 
-def clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """Clip each parameter's gradient to norm `clip` separately (the reference's clip_gradients: 3.0)."""
-    norms = []
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """Clip each parameter's gradient to norm `clip` separately (the reference's clip_gradients, 3.0 in the
+    paper); the norms stay on the device (no host sync)."""
     for p in model.parameters():
         if p.grad is not None:
             norm = p.grad.norm(2)
-            norms.append(norm.item())
             p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
-    return norms
 
 
 def cancel_last_layer_gradients(model: DINO, epoch: int, freeze_last_layer: int = 1) -> None:

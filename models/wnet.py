@@ -98,9 +98,13 @@ class WNet(nn.Module):
         padded, (height, width) = self._pad(images)
         return self.encoder(padded).softmax(dim=1)[..., :height, :width]
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`decode=False` runs U-Enc only (reconstruction None): the N-cut step, through the same forward so
+        that a DDP wrapper sees it."""
         padded, (height, width) = self._pad(images)
         probs = self.encoder(padded).softmax(dim=1)
+        if not decode:
+            return probs[..., :height, :width], None
         reconstruction = self.decoder(probs)
         return probs[..., :height, :width], reconstruction[..., :height, :width]
 

@@ -1,0 +1,254 @@
+"""The job spec: one typed schema, loaded from YAML, overridden with --set, validated with clear errors.
+
+    spec = load_spec("jobs/segmenter_tiny16.yaml", overrides=["train.max_steps=100", "data.batch_size=4"])
+
+Every knob lives here (a command-line flag only overrides a field). Each field's description is its
+documentation; README's spec reference is generated from this schema (`spec_reference()`).
+A bad spec raises SpecError: one paragraph naming the file, the key path, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(Exception):
+    """A job spec a user wrote that cannot run (exit status 2)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(Section):
+    name: str = Field(description="A registered variant (see `segjobs models`), e.g. segmenter_t16_mask.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the variant (e.g. img_size, drop_path_rate, out_dim, num_segments).")
+    pretrained: str | None = Field(None, description="A local weights file (DINO, timm or Segmenter format) loaded before training.")
+
+
+class DataSpec(Section):
+    train: Path = Field(description="Shard folder of the training split (the one holding manifest.json).")
+    val: Path | None = Field(None, description="Shard folder of the validation split; no evaluation without it.")
+    batch_size: int = Field(8, ge=1, description="Samples per device per step (Segmenter paper: 8).")
+    eval_batch_size: int = Field(1, ge=1, description="Samples per device in evaluation (sizes vary: 1 unless images share a size).")
+    num_workers: int = Field(4, ge=0, description="Loader worker processes per rank.")
+    shuffle_buffer: int = Field(2000, ge=1, description="Samples in the shuffle buffer after the shard shuffle.")
+    skip_corrupt: bool = Field(False, description="Leave undecodable samples out (counted in metrics) instead of stopping.")
+    crop_size: int = Field(512, ge=16, description="Segmenter: training crop (mmseg ADE20K: 512).")
+    scale: tuple[int, int] = Field((2048, 512), description="Segmenter: resize scale before the random ratio (mmseg: 2048 x 512).")
+    ratio_range: tuple[float, float] = Field((0.5, 2.0), description="Segmenter: random resize ratio range (mmseg: 0.5..2.0).")
+    global_crop_size: int = Field(224, ge=16, description="DINO: global crop size (paper: 224).")
+    local_crop_size: int = Field(96, ge=8, description="DINO: local crop size (paper: 96).")
+    local_crops: int = Field(8, ge=0, description="DINO: local crops per image (paper: 8 for the best ViT-S results; 10 in the code's example).")
+    global_scale: tuple[float, float] = Field((0.4, 1.0), description="DINO: area range of global crops (paper: 0.4..1.0).")
+    local_scale: tuple[float, float] = Field((0.05, 0.4), description="DINO: area range of local crops (paper: 0.05..0.4).")
+    image_size: int = Field(224, ge=16, description="W-Net: training crop size (paper: 224).")
+
+
+class OptimSpec(Section):
+    kind: Literal["adamw", "sgd"] = Field("adamw", description="adamw (DINO) or sgd (Segmenter paper, momentum 0.9).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (DINO: 0.04 rising to `weight_decay_end`).")
+    weight_decay_end: float | None = Field(None, ge=0, description="Final weight decay of a cosine schedule (DINO: 0.4); None keeps it constant.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+
+
+class ScheduleSpec(Section):
+    kind: Literal["poly", "cosine", "constant"] = Field("cosine", description="poly (Segmenter: power 0.9), cosine (DINO) or constant.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many optimizer steps (DINO: 10 epochs).")
+    power: float = Field(0.9, gt=0, description="Exponent of the poly schedule.")
+    min_lr: float = Field(0.0, ge=0, description="Final learning rate.")
+
+
+class TrainSpec(Section):
+    epochs: int | None = Field(None, ge=1, description="Passes over the training split; training stops at epochs or max_steps, whichever comes first.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train (Segmenter paper: 160k iterations).")
+    precision: Literal["bf16", "fp16", "no"] = Field("bf16", description="Autocast dtype; bf16 needs no loss scaling. `no` for fp32 (and for bit-exact CPU tests).")
+    strategy: Literal["ddp", "fsdp", "none"] = Field("ddp", description="How the model is replicated across processes (FSDP: torch's fully_shard, per block).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    clip_grad: float | None = Field(None, gt=0, description="Gradient clipping norm (DINO: 3.0, per parameter).")
+    compile: bool = Field(False, description="torch.compile the model (GPU; the first steps are slow while it compiles).")
+    log_every: int = Field(10, ge=1, description="Optimizer steps between metrics lines (the loss is read from the device only then).")
+    eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations; the run always evaluates at its end when data.val is set.")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainSpec":
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set train.epochs or train.max_steps")
+        return self
+
+
+class CheckpointSpec(Section):
+    every_steps: int | None = Field(1000, ge=1, description="Optimizer steps between checkpoints.")
+    every_minutes: float | None = Field(None, gt=0, description="Also checkpoint when this much time has passed since the last one.")
+    keep: int = Field(3, ge=1, description="Checkpoints kept (the newest ones).")
+
+
+class DinoSpec(Section):
+    teacher_temp: float = Field(0.04, gt=0, description="Final teacher temperature (paper: 0.04; above 0.07 is unstable).")
+    warmup_teacher_temp: float = Field(0.04, gt=0, description="Initial teacher temperature.")
+    warmup_teacher_temp_epochs: int = Field(0, ge=0, description="Epochs of linear teacher-temperature warmup (paper: 30 with 0.04 -> 0.07).")
+    momentum_teacher: float = Field(0.996, gt=0, lt=1, description="Initial EMA momentum, cosine to 1 (paper: 0.996; 0.9995 for small batches).")
+    freeze_last_layer: int = Field(1, ge=0, description="Epochs the head's last layer stays fixed (paper: 1).")
+
+
+class WNetSpec(Section):
+    radius: float = Field(5.0, gt=1, description="N-cut window radius in pixels (paper: 5).")
+    sigma_i: float = Field(10.0, gt=0, description="N-cut intensity scale, for 0..255 pixel values (paper: 10).")
+    sigma_x: float = Field(4.0, gt=0, description="N-cut spatial scale in pixels (paper: 4).")
+
+
+class ResourcesSpec(Section):
+    nodes: int = Field(1, ge=1, description="SLURM nodes.")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per node; one task (process) per GPU.")
+    tasks_per_node: int | None = Field(None, ge=1, description="Processes per node; default one per GPU, 1 on CPU-only nodes.")
+    cpus_per_task: int = Field(8, ge=1, description="CPU cores per process (loader workers + 1).")
+    mem_gb: float | None = Field(None, gt=0, description="Memory per node in GB.")
+    timeout_min: int = Field(24 * 60, ge=1, description="SLURM time limit per submission; the job is requeued when it expires.")
+    partition: str | None = Field(None, description="SLURM partition.")
+    account: str | None = Field(None, description="SLURM account.")
+    qos: str | None = Field(None, description="SLURM QOS.")
+    constraint: str | None = Field(None, description="SLURM node constraint (e.g. a100).")
+    exclude: str | None = Field(None, description="Nodes to avoid.")
+    signal_delay_s: int = Field(120, ge=10, description="Seconds before the time limit when SLURM signals the job to checkpoint.")
+    max_requeues: int = Field(10, ge=0, description="Requeues after a time limit (preemptions are not counted).")
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before the job (module load, conda activate).")
+    sbatch: dict[str, str] = Field(default_factory=dict, description="Extra sbatch options, without the leading --.")
+
+
+class JobSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name: letters, digits, '_', '.', '-'.")
+    seed: int = Field(0, ge=0, description="Seeds model init, data order and augmentation: a run is a function of (spec, seed, world size).")
+    output_dir: Path | None = Field(None, description="Run directory; default runs/<name>.")
+    model: ModelSpec
+    data: DataSpec
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    train: TrainSpec
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    dino: DinoSpec = Field(default_factory=DinoSpec)
+    wnet: WNetSpec = Field(default_factory=WNetSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir or Path("runs") / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields_at(path: tuple[str | int, ...]) -> list[str]:
+    """The field names of the section at `path` in the schema (for "did you mean")."""
+    model: type[BaseModel] = JobSpec
+    for key in path:
+        field = model.model_fields.get(str(key))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _explain(source: str, error: dict) -> str:
+    path = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        *parent, key = error["loc"]
+        close = difflib.get_close_matches(str(key), _fields_at(tuple(parent)), n=1)
+        hint = f"; did you mean {'.'.join(map(str, [*parent, close[0]]))}?" if close else ""
+        allowed = ", ".join(_fields_at(tuple(parent)))
+        return f"{source}: unknown key {path}{hint} (allowed here: {allowed})."
+    if error["type"] == "missing":
+        return f"{source}: {path} is required but missing."
+    found = _describe(error.get("input"))
+    message = error["msg"][0].lower() + error["msg"][1:]
+    where = f"{path}: " if path else ""
+    return f"{source}: {where}{message}; found {found}."
+
+
+def apply_override(raw: dict, assignment: str, source: str) -> None:
+    """`a.b.c=value`, the value parsed as YAML; the key path must exist in the schema."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. train.max_steps=100.")
+    key_path, text = assignment.split("=", 1)
+    keys = key_path.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {assignment!r}: the value is not valid YAML ({exc}).") from None
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        known = _fields_at(tuple(keys[:depth]))
+        is_free_dict = depth > 0 and keys[depth - 1] in ("options", "sbatch")
+        if known and key not in known and not is_free_dict:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {'.'.join(keys[:depth] + [close[0]])}?" if close else ""
+            raise SpecError(f"{source}: --set {key_path}: no such key {'.'.join(keys[:depth + 1])}{hint}")
+        if depth == len(keys) - 1:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"{source}: --set {key_path}: {'.'.join(keys[:depth + 1])} is not a section.")
+
+
+def parse_spec(raw: Any, source: str, overrides: list[str] = ()) -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a job spec is a YAML mapping (name, model, data, train, ...); found {_describe(raw)}.")
+    for assignment in overrides:
+        apply_override(raw, assignment, source)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(" ".join(_explain(source, e) for e in exc.errors())) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read, override and validate a spec file (schema only; `check_environment` checks data and model)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the job spec ({exc.strerror}).") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({exc}).") from None
+    return parse_spec(raw, str(path), overrides)
+
+
+def check_environment(spec: JobSpec, source: str) -> None:
+    """What the schema cannot know: the model name and options, and the data folders."""
+    import models
+
+    known = models.list_models()
+    if spec.model.name not in known:
+        close = difflib.get_close_matches(spec.model.name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f" (registered: {', '.join(known)})"
+        raise SpecError(f"{source}: model.name: {spec.model.name!r} is not a registered model{hint}")
+    try:
+        import torch
+
+        with torch.device("meta"):
+            models.create(spec.model.name, **spec.model.options)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{source}: model.options: {spec.model.name} does not accept {spec.model.options} ({exc}).") from None
+    for key in ("train", "val"):
+        folder = getattr(spec.data, key)
+        if folder is not None and not (folder / "manifest.json").is_file():
+            what = "does not exist" if not folder.exists() else "has no manifest.json"
+            raise SpecError(
+                f"{source}: data.{key}: {folder} {what}; expected a shard folder made by `segjobs shard` "
+                f"(e.g. data/shards/ade20k/{'training' if key == 'train' else 'validation'})."
+            )
+    if spec.model.pretrained and not Path(spec.model.pretrained).expanduser().is_file() and spec.model.pretrained not in models.pretrained.HUB_FILES:
+        raise SpecError(f"{source}: model.pretrained: {spec.model.pretrained} is not a file.")

@@ -1,0 +1,84 @@
+"""What each model family gives the trainer, which knows no concrete model.
+
+A Task builds its network(s) and data pipelines, turns a batch into optimizer steps (returning the losses
+as device tensors: the trainer reads them only at log steps), carries any state beyond model and
+optimizers (DINO's teacher and centre), and evaluates. Adding a family is one module here plus one line in
+FAMILIES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class StepContext:
+    step: int  # optimizer steps taken before this one
+    epoch: int
+    accelerator: Any
+
+
+class Task(Protocol):
+    model: nn.Module  # the trained network (the trainer wraps it for DDP/FSDP and checkpoints it)
+    optimizers: list[torch.optim.Optimizer]
+    ddp_find_unused_parameters: bool  # W-Net's N-cut step leaves U-Dec without gradients
+
+    @staticmethod
+    def train_pipeline(spec): ...
+
+    @staticmethod
+    def eval_pipeline(spec): ...
+
+    def parallel_wrap(self, wrap) -> None:
+        """Apply `wrap(module) -> module` (the trainer's DDP/FSDP) to the trained network and build the optimizers."""
+
+    def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]: ...
+
+    def extra_state(self) -> dict: ...
+
+    def load_extra_state(self, state: dict) -> None: ...
+
+    def evaluate(self, loader, accelerator) -> dict: ...
+
+
+def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float, normalised on the device (the loader ships uint8: 4x fewer bytes)."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean_t) / std_t
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.to(device, non_blocking=True)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weights decay; biases, norms and 1-D parameters (and the model's no_weight_decay names) do not."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+
+
+def make_optimizer(spec, groups: list[dict]) -> torch.optim.Optimizer:
+    if spec.optim.kind == "sgd":
+        return torch.optim.SGD(groups, lr=spec.optim.lr, momentum=spec.optim.momentum)
+    return torch.optim.AdamW(groups, lr=spec.optim.lr, betas=spec.optim.betas)
+
+
+def task_class(family: str) -> type:
+    """The Task of a model family (see models.registry)."""
+    from launcher.tasks import dino, segmenter, wnet
+
+    return {"segmenter": segmenter.SegmenterTask, "dino": dino.DinoTask, "wnet": wnet.WNetTask}[family]

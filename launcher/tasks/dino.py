@@ -1,0 +1,113 @@
+"""DINO: student and EMA teacher on multi-crop views; loss with centring and sharpening; the reference's
+schedules (learning rate, weight decay, teacher momentum, teacher temperature) and last-layer freezing.
+Evaluation: k-means on the teacher's patch features, then unsupervised mIoU by Hungarian matching."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+import models
+from launcher.evaluate import SegmentationMetric, kmeans
+from launcher.tasks import StepContext, make_optimizer, normalize, param_groups, to_device
+from models.dino import DINOLoss, cancel_last_layer_gradients, clip_gradients, cosine_schedule, ema_update
+from shards.ade20k import NUM_CLASSES
+from shards.transforms import DinoMultiCrop, WNetCrop
+
+EVAL_CLUSTERS = 20
+MAX_KMEANS_FEATURES = 100_000
+
+
+class DinoTask:
+    ddp_find_unused_parameters = False
+    eval_sharded = False  # k-means must see the whole split: every rank evaluates all of it, identically
+
+    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
+        self.spec, self.accelerator = spec, accelerator
+        self.model = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
+        self.teacher = copy.deepcopy(self.model)  # the same initial weights as the student (the reference)
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        ncrops = 2 + spec.data.local_crops
+        self.loss = DINOLoss(self.model.config.out_dim, ncrops, spec.dino.warmup_teacher_temp, spec.dino.teacher_temp,
+                             spec.dino.warmup_teacher_temp_epochs, epochs).to(accelerator.device)
+        self.momentum = cosine_schedule(spec.dino.momentum_teacher, 1.0, epochs, steps_per_epoch)
+        self.optimizers: list[torch.optim.Optimizer] = []
+
+    @staticmethod
+    def train_pipeline(spec):
+        data = spec.data
+        return DinoMultiCrop(global_size=data.global_crop_size, local_size=data.local_crop_size,
+                             global_scale=tuple(data.global_scale), local_scale=tuple(data.local_scale),
+                             local_crops=data.local_crops)
+
+    @staticmethod
+    def eval_pipeline(spec):
+        return WNetCrop(size=spec.data.global_crop_size, train=False)
+
+    def parallel_wrap(self, wrap) -> None:
+        self.model = wrap(self.model)
+        self.teacher = wrap(self.teacher, trainable=False)
+        self.optimizers = [make_optimizer(self.spec, param_groups(self.model, self.spec.optim.weight_decay))]
+
+    def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
+        accelerator = context.accelerator
+        crops = [normalize(to_device(c, accelerator.device)) for c in batch["crops"]]
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast():
+                teacher_out = self.teacher(crops[:2])  # only the global views pass through the teacher
+                student_out = self.model(crops)
+            loss = self.loss(student_out.float(), teacher_out.float(), context.epoch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if self.spec.train.clip_grad:
+                    clip_gradients(self.model, self.spec.train.clip_grad)
+                cancel_last_layer_gradients(self._network(self.model), context.epoch, self.spec.dino.freeze_last_layer)
+            self.optimizers[0].step()
+            self.optimizers[0].zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            momentum = float(self.momentum[min(context.step, len(self.momentum) - 1)])
+            ema_update(self._network(self.teacher), self._network(self.model), momentum)
+        return {"loss": loss.detach()}
+
+    @staticmethod
+    def _network(module):
+        return getattr(module, "module", module)
+
+    def extra_state(self) -> dict:
+        return {"center": self.loss.center.detach().cpu()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.loss.center.copy_(state["center"].to(self.loss.center.device))
+
+    @torch.no_grad()
+    def evaluate(self, loader, accelerator) -> dict:
+        """Teacher patch features of every validation image, clustered by k-means (20 clusters), each patch's
+        cluster upsampled to the label's pixels, matched to classes."""
+        teacher = self._network(self.teacher)
+        teacher.eval()
+        features, labels = [], []
+        for batch in loader:
+            images = normalize(to_device(batch["image"], accelerator.device))
+            with accelerator.autocast():
+                tokens = teacher.backbone.tokens(images)[:, 1:].float()
+            patch = teacher.config.backbone.patch_size
+            grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+            features.extend(t.cpu() for t in tokens)
+            labels.extend((label, grid) for label in batch["label"])
+        teacher.train()
+        if not features:
+            return {"miou": 0.0, "pixel_acc": 0.0, "iou": []}
+        stacked = torch.cat(features)
+        sample = stacked[torch.randperm(len(stacked), generator=torch.Generator().manual_seed(0))[:MAX_KMEANS_FEATURES]]
+        centers = kmeans(sample, EVAL_CLUSTERS)
+        metric = SegmentationMetric(NUM_CLASSES, num_predicted=EVAL_CLUSTERS)
+        for tokens, (label, grid) in zip(features, labels):
+            assignment = torch.cdist(F.normalize(tokens, dim=1), centers).argmin(1).reshape(1, 1, *grid).float()
+            cluster_map = F.interpolate(assignment, size=label.shape[-2:], mode="nearest")[0, 0].long()
+            metric.update(cluster_map, label)
+        return metric.compute()

@@ -1,0 +1,72 @@
+"""Segmenter: per-pixel cross-entropy (ignore 255) on mmseg's ADE20K pipeline; mIoU evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import models
+from launcher.evaluate import IGNORE_INDEX, SegmentationMetric
+from launcher.tasks import StepContext, make_optimizer, normalize, param_groups, to_device
+from shards.transforms import SegmenterEval, SegmenterTrain
+
+
+class SegmenterTask:
+    eval_sharded = True
+    ddp_find_unused_parameters = False
+
+    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
+        self.spec, self.accelerator = spec, accelerator
+        self.model = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
+        self.num_classes = self.model.config.num_classes
+        self.optimizers: list[torch.optim.Optimizer] = []
+
+    @staticmethod
+    def train_pipeline(spec):
+        data = spec.data
+        return SegmenterTrain(crop_size=data.crop_size, scale=tuple(data.scale), ratio_range=tuple(data.ratio_range))
+
+    @staticmethod
+    def eval_pipeline(spec):
+        return SegmenterEval(scale=tuple(spec.data.scale))
+
+    def parallel_wrap(self, wrap) -> None:
+        self.model = wrap(self.model)
+        self.optimizers = [make_optimizer(self.spec, param_groups(self.model, self.spec.optim.weight_decay))]
+
+    def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
+        accelerator = context.accelerator
+        images = normalize(to_device(batch["image"], accelerator.device))
+        labels = to_device(batch["label"], accelerator.device).long()
+        with accelerator.accumulate(self.model), accelerator.autocast():
+            logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            accelerator.backward(loss)
+            if self.spec.train.clip_grad and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.spec.train.clip_grad)
+            self.optimizers[0].step()
+            self.optimizers[0].zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, loader, accelerator) -> dict:
+        """mIoU at the label's resolution: logits of the resized image, upsampled bilinearly."""
+        self.model.eval()
+        metric = SegmentationMetric(self.num_classes)
+        for batch in loader:
+            images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
+            labels = batch["label"] if isinstance(batch["label"], list) else list(batch["label"])
+            for image, label in zip(images, labels):
+                with accelerator.autocast():
+                    logits = self.model(normalize(to_device(image[None], accelerator.device)))
+                logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear")
+                metric.update(logits.argmax(1)[0].cpu(), label)
+        metric.all_reduce()
+        self.model.train()
+        return metric.compute()

@@ -1,0 +1,84 @@
+"""W-Net: the paper's alternating schedule, per batch an N-cut step on U-Enc then a reconstruction step on
+both U-Nets; evaluation is unsupervised mIoU (clusters matched to classes by the Hungarian algorithm)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import models
+from launcher.evaluate import SegmentationMetric
+from launcher.tasks import StepContext, make_optimizer, param_groups, to_device
+from models.wnet import reconstruction_loss, soft_ncut_loss
+from shards.ade20k import NUM_CLASSES
+from shards.transforms import WNetCrop
+
+
+class WNetTask:
+    # The N-cut step's forward uses U-Enc only; DDP must not wait for U-Dec's gradients then.
+    eval_sharded = True
+    ddp_find_unused_parameters = True
+
+    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
+        self.spec, self.accelerator = spec, accelerator
+        self.model = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
+        self.num_segments = self.model.config.num_segments
+        self.optimizers: list[torch.optim.Optimizer] = []
+
+    @staticmethod
+    def train_pipeline(spec):
+        return WNetCrop(size=spec.data.image_size, train=True)
+
+    @staticmethod
+    def eval_pipeline(spec):
+        return WNetCrop(size=spec.data.image_size, train=False)
+
+    def parallel_wrap(self, wrap) -> None:
+        self.model = wrap(self.model)
+        network = getattr(self.model, "module", self.model)
+        decay = self.spec.optim.weight_decay
+        # Two optimizers, as the paper: U-Enc alone for the N-cut loss, both U-Nets for reconstruction.
+        self.optimizers = [make_optimizer(self.spec, param_groups(network.encoder, decay)),
+                           make_optimizer(self.spec, param_groups(self.model, decay))]
+
+    def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
+        accelerator, wnet = context.accelerator, self.spec.wnet
+        pixels = to_device(batch["image"], accelerator.device).float()  # 0..255: the units of sigma_i
+        images = (pixels / 255.0).contiguous(memory_format=torch.channels_last)
+        encoder_opt, full_opt = self.optimizers
+        with accelerator.autocast():
+            probs, _ = self.model(images, decode=False)
+        ncut = soft_ncut_loss(probs, pixels, radius=wnet.radius, sigma_i=wnet.sigma_i, sigma_x=wnet.sigma_x)
+        accelerator.backward(ncut)
+        encoder_opt.step()
+        full_opt.zero_grad(set_to_none=True)
+        with accelerator.autocast():
+            _, reconstruction = self.model(images)
+        rec = reconstruction_loss(reconstruction.float(), images.float())
+        accelerator.backward(rec)
+        if self.spec.train.clip_grad:
+            accelerator.clip_grad_norm_(self.model.parameters(), self.spec.train.clip_grad)
+        full_opt.step()
+        full_opt.zero_grad(set_to_none=True)
+        return {"loss": (ncut + rec).detach(), "ncut": ncut.detach(), "reconstruction": rec.detach()}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, loader, accelerator) -> dict:
+        self.model.eval()
+        metric = SegmentationMetric(NUM_CLASSES, num_predicted=self.num_segments)
+        for batch in loader:
+            images = to_device(batch["image"], accelerator.device).float() / 255.0
+            with accelerator.autocast():
+                probs, _ = self.model(images, decode=False)
+            clusters = probs.argmax(1).cpu()
+            for cluster_map, label in zip(clusters, batch["label"]):
+                metric.update(cluster_map, label)
+        metric.all_reduce()
+        self.model.train()
+        return metric.compute()

@@ -1,0 +1,317 @@
+"""The training loop, the same for every model family (the family's Task supplies the rest).
+
+    segjobs train jobs/demo_segmenter.yaml --set train.max_steps=50
+    accelerate launch --multi_gpu -m launcher.train jobs/segmenter_tiny16.yaml        # a GPU workstation
+    torchrun --nproc_per_node 2 -m launcher.train jobs/demo_segmenter.yaml            # CPU, 2 processes, gloo
+
+Rank and world size come from the environment (torchrun, accelerate launch, or SLURM via `segjobs submit`).
+A run directory that already holds checkpoints is resumed from the latest one. Note: `accelerate launch
+--cpu --num_processes 2` starts one process; on CPU use torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.spec import JobSpec, SpecError, check_environment, load_spec
+
+log = logging.getLogger("segjobs.train")
+
+# Changing these makes a checkpoint meaningless: resuming with a different value is refused.
+RESUME_KEYS = ("model.name", "model.options", "optim.kind", "seed")
+
+
+def learning_rates(spec: JobSpec, total_steps: int) -> np.ndarray:
+    """The learning rate of every optimizer step, computed up front (deterministic, resumable)."""
+    sched, base = spec.schedule, spec.optim.lr
+    warmup = min(sched.warmup_steps, total_steps)
+    steps = np.arange(total_steps - warmup)
+    rest = max(total_steps - warmup, 1)
+    if sched.kind == "poly":
+        decay = sched.min_lr + (base - sched.min_lr) * (1 - steps / rest) ** sched.power
+    elif sched.kind == "cosine":
+        decay = sched.min_lr + 0.5 * (base - sched.min_lr) * (1 + np.cos(np.pi * steps / rest))
+    else:
+        decay = np.full(len(steps), base)
+    return np.concatenate([np.linspace(0, base, warmup, endpoint=False), decay])
+
+
+def weight_decays(spec: JobSpec, total_steps: int) -> np.ndarray:
+    """Cosine from optim.weight_decay to optim.weight_decay_end (DINO: 0.04 -> 0.4), else constant."""
+    start, end = spec.optim.weight_decay, spec.optim.weight_decay_end
+    if end is None:
+        return np.full(total_steps, start)
+    return end + 0.5 * (start - end) * (1 + np.cos(np.pi * np.arange(total_steps) / max(total_steps, 1)))
+
+
+def resume_fingerprint(spec: JobSpec) -> dict:
+    dumped = spec.model_dump(mode="json")
+    out = {}
+    for key in RESUME_KEYS:
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken
+    samples: int = 0  # training samples consumed, all ranks
+
+
+class MetricsLog:
+    """runs/<name>/metrics.jsonl, written by rank 0: one JSON object per line."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines past the checkpoint, which the resumed run writes again."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, source: str):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        import models
+        from launcher import tasks
+        from launcher.checkpoint import Checkpointer
+        from launcher.parallel import make_wrap
+        from shards.loader import build_loader
+
+        self.spec, self.source = spec, source
+        family = models.entry(spec.model.name).family
+        if family == "wnet" and spec.train.grad_accum != 1:
+            raise SpecError(f"{source}: train.grad_accum: W-Net takes two optimizer steps per batch; expected 1, found {spec.train.grad_accum}.")
+        cuda = torch.cuda.is_available()
+        if spec.train.precision == "fp16" and not cuda:
+            raise SpecError(f"{source}: train.precision: fp16 needs a GPU; use bf16 or no on CPU.")
+        self.accelerator = accelerator = Accelerator(
+            cpu=not cuda, mixed_precision=spec.train.precision, gradient_accumulation_steps=spec.train.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family == "wnet")],
+        )
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.run_dir = spec.run_dir
+        if accelerator.is_main_process:
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "spec.yaml").write_text(spec.to_yaml())
+        accelerator.wait_for_everyone()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", accelerator.is_main_process)
+
+        task_class = tasks.task_class(family)
+        loader_options = dict(seed=spec.seed, num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer,
+                              skip_corrupt=spec.data.skip_corrupt, pin_memory=cuda)
+        self.train_loader = build_loader(spec.data.train, task_class.train_pipeline(spec), batch_size=spec.data.batch_size,
+                                         rank=self.rank, world_size=self.world, **loader_options)
+        self.eval_loader = None
+        if spec.data.val is not None:
+            sharded = task_class.eval_sharded  # else every rank evaluates the whole split
+            self.eval_loader = build_loader(spec.data.val, task_class.eval_pipeline(spec), batch_size=spec.data.eval_batch_size,
+                                            rank=self.rank if sharded else 0, world_size=self.world if sharded else 1,
+                                            train=False, **{**loader_options, "pin_memory": False})
+        self.steps_per_epoch = max(len(self.train_loader) // spec.train.grad_accum, 1)
+        limits = [n for n in (spec.train.max_steps, spec.train.epochs and spec.train.epochs * self.steps_per_epoch) if n]
+        self.total_steps = min(limits)
+        set_seed(spec.seed)  # identical initial weights on every rank
+        self.task = task_class(spec, accelerator, self.steps_per_epoch, self.total_steps)
+        wrap = make_wrap(accelerator, spec.train.strategy, spec.train.compile, channels_last=family == "wnet")
+        self.task.parallel_wrap(wrap)
+        self.task.optimizers = [accelerator.prepare_optimizer(o) for o in self.task.optimizers]
+        self.lrs = learning_rates(spec, self.total_steps)
+        self.wds = weight_decays(spec, self.total_steps)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", spec.checkpoint.keep, self.rank, self.world)
+        self.progress = Progress()
+        if not self._resume():
+            # Dropout and drop path differ across ranks, as in the references (seed + rank).
+            set_seed(spec.seed + self.rank + self.progress.step)
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def save(self) -> Path:
+        """Collective: every rank calls it (FSDP gathers the full weights for rank 0)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        options = self._state_options()
+        model = self.task.model
+        shared = {
+            "model": get_model_state_dict(model, options=options),
+            "optimizers": [get_optimizer_state_dict(model, _raw(o), options=options) for o in self.task.optimizers],
+            "task": self.task.extra_state(),
+            "loader": self.train_loader.state_dict(),
+            "progress": vars(self.progress).copy(),
+        }
+        if hasattr(self.task, "teacher"):
+            shared["teacher"] = get_model_state_dict(self.task.teacher, options=options)
+        meta = {"resume": resume_fingerprint(self.spec), "time": time.time()}
+        path = self.checkpointer.save(self.progress.step, shared if self.rank == 0 else None, meta)
+        log.info("checkpoint %s", path)
+        return path
+
+    def _resume(self) -> bool:
+        """Load the latest checkpoint, if any; True when this rank's RNG state was restored too."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        from launcher.checkpoint import set_rng_state
+
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return False
+        shared, meta, rng = self.checkpointer.load(latest)
+        now = resume_fingerprint(self.spec)
+        changed = [k for k in RESUME_KEYS if meta["resume"].get(k) != now[k]]
+        if changed:
+            saved = meta["resume"]
+            differences = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise SpecError(
+                f"{self.source}: cannot resume {latest}: {', '.join(changed)} changed since the checkpoint "
+                f"({differences}). Use another name or output_dir for a new run."
+            )
+        options = StateDictOptions(full_state_dict=True)
+        model = self.task.model
+        set_model_state_dict(model, shared["model"], options=options)
+        for optimizer, state in zip(self.task.optimizers, shared["optimizers"]):
+            set_optimizer_state_dict(model, _raw(optimizer), state, options=options)
+        if "teacher" in shared:
+            set_model_state_dict(self.task.teacher, shared["teacher"], options=options)
+        self.task.load_extra_state(shared["task"])
+        self.train_loader.load_state_dict(shared["loader"])
+        self.progress = Progress(**shared["progress"])
+        if rng is not None:
+            set_rng_state(rng)
+        self.metrics.truncate_after(self.progress.step)
+        elastic = "" if meta["world_size"] == self.world else f" with {self.world} processes instead of {meta['world_size']} (elastic: the loader splits the rest of the epoch)"
+        log.info("resumed from %s at step %d%s", latest, self.progress.step, elastic)
+        return rng is not None
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from launcher.tasks import StepContext
+
+        spec, accelerator = self.spec, self.accelerator
+        batch_size = spec.data.batch_size * self.world
+        running: dict[str, torch.Tensor] = {}
+        window_start, wait, window_samples = time.perf_counter(), 0.0, 0
+        last_checkpoint = time.monotonic()
+        last_eval: dict | None = None
+        if self.progress.step >= self.total_steps:
+            log.info("already trained %d steps", self.progress.step)
+        while self.progress.step < self.total_steps:
+            epoch = self.train_loader.epoch
+            batches = iter(self.train_loader)
+            while self.progress.step < self.total_steps:
+                fetch = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                wait += time.perf_counter() - fetch
+                step = self.progress.step
+                for optimizer in self.task.optimizers:
+                    for group in optimizer.param_groups:
+                        group["lr"] = float(self.lrs[step])
+                        if group.get("decay"):
+                            group["weight_decay"] = float(self.wds[step])
+                losses = self.task.train_step(batch, StepContext(step=step, epoch=epoch, accelerator=accelerator))
+                for name, value in losses.items():
+                    running[name] = running.get(name, 0) + value
+                window_samples += batch_size
+                self.progress.samples += batch_size
+                if not accelerator.sync_gradients:
+                    continue
+                self.progress.step += 1
+                step = self.progress.step
+                if step % spec.train.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "epoch": epoch, "lr": float(self.lrs[step - 1]),
+                              "samples_per_s": window_samples / elapsed, "data_wait": wait / elapsed,
+                              "skipped": self.train_loader.skipped}
+                    for name, total in running.items():
+                        record[name] = accelerator.reduce(total.detach().float(), reduction="mean").item() / (
+                            window_samples // batch_size)
+                    if torch.cuda.is_available():
+                        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    self.metrics.write(record)
+                    log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps, record["loss"], record["lr"], record["samples_per_s"])
+                    running, window_start, wait, window_samples = {}, time.perf_counter(), 0.0, 0
+                    if spec.checkpoint.every_minutes and self._agree(time.monotonic() - last_checkpoint > 60 * spec.checkpoint.every_minutes):
+                        self.save()
+                        last_checkpoint = time.monotonic()
+                if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0 and step < self.total_steps:
+                    self.save()
+                    last_checkpoint = time.monotonic()
+                if self.eval_loader is not None and spec.train.eval_every and step % spec.train.eval_every == 0 and step < self.total_steps:
+                    last_eval = self.evaluate()
+        if self.checkpointer.latest() is None or self.checkpointer.steps()[-1] != self.progress.step:
+            self.save()
+        if self.eval_loader is not None:
+            last_eval = self.evaluate()
+        self.train_loader.close()
+        return {"step": self.progress.step, "eval": last_eval}
+
+    def _agree(self, decision: bool) -> bool:
+        """Rank 0's decision, on every rank (time-based triggers must not diverge across ranks)."""
+        flag = torch.tensor([1.0 if decision else 0.0], device=self.accelerator.device)
+        if self.world > 1:
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def evaluate(self) -> dict:
+        result = self.task.evaluate(self.eval_loader, self.accelerator)
+        step = self.progress.step
+        if self.accelerator.is_main_process:
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            (self.run_dir / "eval" / f"step_{step:08d}.json").write_text(json.dumps(result, indent=1))
+            self.metrics.write({"step": step, "epoch": self.train_loader.epoch,
+                                "eval": {k: v for k, v in result.items() if k != "iou"}})
+        log.info("eval at step %d: mIoU %.4f, pixel accuracy %.4f", step, result["miou"], result["pixel_acc"])
+        return result
+
+
+def _raw(optimizer):
+    """The torch optimizer inside Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def train(spec_path: str, overrides: list[str]) -> dict:
+    spec = load_spec(spec_path, overrides)
+    check_environment(spec, spec_path)
+    trainer = Trainer(spec, spec_path)
+    try:
+        return trainer.run()
+    finally:
+        trainer.train_loader.close()
+        if trainer.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launcher.cli import main as segjobs
+
+    return segjobs(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
