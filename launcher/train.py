@@ -193,8 +193,11 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True)
         model = self.task.model
         set_model_state_dict(model, shared["model"], options=options)
+        # Not strict: a parameter that never had a gradient (DINO's last layer in its first epoch) has no
+        # optimizer state in the checkpoint, exactly as in the run that wrote it.
+        optimizer_options = StateDictOptions(full_state_dict=True, strict=False)
         for optimizer, state in zip(self.task.optimizers, shared["optimizers"]):
-            set_optimizer_state_dict(model, _raw(optimizer), state, options=options)
+            set_optimizer_state_dict(model, _raw(optimizer), state, options=optimizer_options)
         if "teacher" in shared:
             set_model_state_dict(self.task.teacher, shared["teacher"], options=options)
         self.task.load_extra_state(shared["task"])

@@ -255,8 +255,11 @@ class ShardLoader:
 
     def _start(self) -> None:
         self.stream.start_epoch, self.stream.start_position = self.epoch, self.position
+        # A private generator: creating the iterator would otherwise draw from the global torch RNG, and a
+        # resumed run (which creates it at another moment) would see different dropout masks.
         loader = torch.utils.data.DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.stream.seed),
         )
         self._batches = iter(loader)
 

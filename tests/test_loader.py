@@ -153,3 +153,14 @@ def test_truncated_tar_names_the_shard(shard_copy):
     loader = build_loader(split, CROP, batch_size=4, skip_corrupt=True)
     assert collections.Counter(len(b["key"]) for b in loader).total() == 10  # batch count unchanged
     assert loader.skipped > 0
+
+
+def test_starting_a_loader_leaves_the_global_rng_alone(shard_root):
+    """A resumed run creates its loader iterator at another moment than an uninterrupted one: it must not
+    consume random numbers that dropout would otherwise have drawn."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader = build_loader(shard_root / "training", CROP, batch_size=4, num_workers=2)
+    next(iter(loader))
+    loader.close()
+    assert torch.equal(torch.get_rng_state(), before)

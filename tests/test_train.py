@@ -1,0 +1,236 @@
+"""The trainer: specs, every family's steps, exact resume after a kill, DDP and FSDP on CPU, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launcher.checkpoint import Checkpointer
+from launcher.cli import main as segjobs
+from launcher.evaluate import SegmentationMetric
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "segmenter": {"model": {"name": "segmenter_t16_linear", "options": {"img_size": 32}},
+                  "data": {"crop_size": 32, "scale": [128, 32]}},
+    "wnet": {"model": {"name": "wnet_tiny", "options": {"base_channels": 8, "levels": 3, "num_segments": 4}},
+             "data": {"image_size": 32}},
+    "dino": {"model": {"name": "dino_vits16", "options": {"out_dim": 64, "img_size": 32}},
+             "data": {"global_crop_size": 32, "local_crop_size": 16, "local_crops": 2},
+             "optim": {"weight_decay": 0.04, "weight_decay_end": 0.4}, "train": {"clip_grad": 3.0}},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """CPU kernels reduce in an order that depends on the thread count: every run here uses one thread, like
+    the training subprocesses (OMP_NUM_THREADS=1), so that losses can be compared for equality."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_spec(tmp_path: Path, shard_root: Path, family: str, name: str = "run", **sections) -> Path:
+    spec = {
+        "name": name, "seed": 1, "output_dir": str(tmp_path / name),
+        "data": {"train": str(shard_root / "training"), "val": str(shard_root / "validation"), "batch_size": 4,
+                 "num_workers": 0},
+        "optim": {"kind": "adamw", "lr": 0.001},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": {"max_steps": 8, "precision": "no", "log_every": 1},
+        "checkpoint": {"every_steps": 3, "keep": 5},
+    }
+    for section, values in [*TINY[family].items(), *sections.items()]:
+        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def torchrun(nproc: int, spec: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + os.getpid() % 1000), "-m", "launcher.train", str(spec), *(f"--set={o}" for o in overrides)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def kill_after_checkpoint(command: list[str], checkpoint: Path) -> None:
+    """Start a training process and SIGKILL it as soon as `checkpoint` exists."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.parametrize("family", ["segmenter", "wnet", "dino"])
+def test_killed_run_resumes_with_identical_losses(family, shard_root, tmp_path):
+    whole = write_spec(tmp_path, shard_root, family, name="whole")
+    assert segjobs(["train", str(whole)]) == 0
+    expected = losses(tmp_path / "whole")
+    assert sorted(expected) == list(range(1, 9))
+
+    killed = write_spec(tmp_path, shard_root, family, name="killed")
+    kill_after_checkpoint([sys.executable, "-m", "launcher.cli", "train", str(killed)],
+                          tmp_path / "killed" / "checkpoints" / "step_00000003")
+    resumed_from = max(Checkpointer(tmp_path / "killed" / "checkpoints", 5).steps())
+    assert 3 <= resumed_from < 8
+    assert segjobs(["train", str(killed)]) == 0
+    assert losses(tmp_path / "killed") == expected  # float equality, every step
+    evals = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if "eval" in line]
+    assert evals and 0.0 <= evals[-1]["eval"]["miou"] <= 1.0
+
+
+def test_demo_specs_validate_and_take_steps(shard_root, tmp_path):
+    for spec_file in sorted((REPO / "jobs").glob("demo_*.yaml")):
+        name = spec_file.stem
+        overrides = [f"data.train={shard_root / 'training'}", f"data.val={shard_root / 'validation'}",
+                     "train.max_steps=2", "data.num_workers=0", f"output_dir={tmp_path / name}", "data.batch_size=2"]
+        assert segjobs(["train", str(spec_file), *[a for o in overrides for a in ("--set", o)]]) == 0, name
+        assert sorted(losses(tmp_path / name))[-1] == 2
+
+
+def test_every_job_spec_is_valid():
+    from launcher.spec import load_spec
+
+    names = sorted(p.name for p in (REPO / "jobs").glob("*.yaml"))
+    for name in names:
+        load_spec(REPO / "jobs" / name)
+    assert {"dino_vits8.yaml", "dino_vits16.yaml", "segmenter_tiny16.yaml", "segmenter_base8.yaml",
+            "segmenter_small16.yaml", "wnet.yaml", "demo_segmenter.yaml", "demo_wnet.yaml", "demo_dino.yaml"} <= set(names)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"batch_sise": 4}}, "unknown key data.batch_sise; did you mean data.batch_size?"),
+    ({"train": {"max_steps": "ten"}}, "train.max_steps: input should be a valid integer"),
+    ({"optim": {"lr": -1}}, "optim.lr: input should be greater than 0; found -1"),
+    ({"model": {"name": "segmenter_t16_mask_x"}}, "model.name: 'segmenter_t16_mask_x' is not a registered model; did you mean segmenter_t16_mask?"),
+    ({"data": {"train": "/nonexistent/shards"}}, "data.train: /nonexistent/shards does not exist"),
+])
+def test_bad_specs_exit_2_with_one_paragraph_and_write_nothing(change, message, shard_root, tmp_path, capsys):
+    spec_path = write_spec(tmp_path, shard_root, "segmenter", name="bad")
+    spec = yaml.safe_load(spec_path.read_text())
+    for section, values in change.items():
+        spec[section].update(values)
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert segjobs(["train", str(spec_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(spec_path) in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unknown_override_is_refused(shard_root, tmp_path, capsys):
+    spec = write_spec(tmp_path, shard_root, "segmenter", name="x")
+    assert segjobs(["train", str(spec), "--set", "train.max_step=3"]) == 2
+    assert "did you mean train.max_steps?" in capsys.readouterr().err
+
+
+def test_resume_with_another_architecture_is_refused(shard_root, tmp_path, capsys):
+    spec = write_spec(tmp_path, shard_root, "segmenter", name="arch", train={"max_steps": 3})
+    assert segjobs(["train", str(spec)]) == 0
+    capsys.readouterr()
+    assert segjobs(["train", str(spec), "--set", "model.name=segmenter_t16_mask"]) == 2
+    assert "model.name changed since the checkpoint" in capsys.readouterr().err
+    assert segjobs(["train", str(spec), "--set", "train.max_steps=5", "--set", "train.log_every=2"]) == 0  # safe changes
+
+
+def test_ddp_two_processes_resume_exactly_and_elastically(shard_root, tmp_path):
+    whole = write_spec(tmp_path, shard_root, "segmenter", name="ddp_whole", data={"batch_size": 2})
+    result = torchrun(2, whole)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = losses(tmp_path / "ddp_whole")
+    assert sorted(expected) == list(range(1, 9))
+
+    killed = write_spec(tmp_path, shard_root, "segmenter", name="ddp_killed", data={"batch_size": 2})
+    port = str(29600 + os.getpid() % 1000)
+    kill_after_checkpoint([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                           "-m", "launcher.train", str(killed)], tmp_path / "ddp_killed" / "checkpoints" / "step_00000003")
+    result = torchrun(2, killed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "ddp_killed") == pytest.approx(expected, abs=1e-6)  # gloo all-reduce order may vary
+
+    elastic = run_cli("train", str(killed), "--set", "train.max_steps=10")
+    assert elastic.returncode == 0, elastic.stderr[-3000:]
+    assert "with 1 processes instead of 2 (elastic" in elastic.stderr
+    assert sorted(losses(tmp_path / "ddp_killed"))[-1] == 10
+
+
+def test_fsdp_two_processes_train_like_ddp_and_resume(shard_root, tmp_path):
+    ddp = write_spec(tmp_path, shard_root, "dino", name="ddp", data={"batch_size": 2}, train={"max_steps": 4})
+    fsdp = write_spec(tmp_path, shard_root, "dino", name="fsdp", data={"batch_size": 2},
+                      train={"max_steps": 4, "strategy": "fsdp"})
+    for spec in (ddp, fsdp):
+        result = torchrun(2, spec)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-4)
+    result = torchrun(2, fsdp, "train.max_steps=6")  # resumes from the FSDP checkpoint at step 4
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and sorted(losses(tmp_path / "fsdp"))[-1] == 6
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=3)
+    checkpointer.save(10, {"model": {"w": torch.ones(2)}}, {"resume": {}})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(20, {"model": {"w": torch.zeros(2)}}, {"resume": {}})
+    monkeypatch.undo()
+    assert checkpointer.steps() == [10] and (tmp_path / "checkpoints" / ".tmp_step_00000020").exists()
+    shared, meta, _ = checkpointer.load(checkpointer.latest())
+    assert torch.equal(shared["model"]["w"], torch.ones(2)) and meta["step"] == 10
+    checkpointer.save(30, {"model": {"w": torch.zeros(2)}}, {"resume": {}})
+    assert checkpointer.steps() == [10, 30] and not (tmp_path / "checkpoints" / ".tmp_step_00000020").exists()
+
+
+def test_retention_keeps_the_newest(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    for step in (1, 2, 3, 4):
+        checkpointer.save(step, {}, {"resume": {}})
+    assert checkpointer.steps() == [3, 4]
+
+
+def test_segmentation_metric_against_a_hand_computed_confusion_matrix():
+    metric = SegmentationMetric(num_classes=3)
+    metric.update(torch.tensor([[0, 0, 1], [1, 2, 2]]), torch.tensor([[0, 1, 1], [255, 2, 0]]))
+    metric.update(torch.tensor([2]), torch.tensor([2]))
+    # pairs (pred, true): (0,0) (0,1) (1,1) (2,2) (2,0) (2,2); the 255 pixel is ignored
+    # class 0: I=1, U=2+2-1=3; class 1: I=1, U=2+1-1=2; class 2: I=2, U=2+3-2=3
+    result = metric.compute()
+    assert result["iou"] == pytest.approx([1 / 3, 1 / 2, 2 / 3])
+    assert result["miou"] == pytest.approx((1 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert result["pixel_acc"] == pytest.approx(4 / 6)
+
+
+def test_unsupervised_metric_matches_clusters_to_classes():
+    metric = SegmentationMetric(num_classes=2, num_predicted=3)
+    metric.update(torch.tensor([2, 2, 0, 1]), torch.tensor([0, 0, 1, 1]))
+    result = metric.compute()
+    # cluster 2 -> class 0 (2 px); one of clusters 0/1 -> class 1, the other unmatched
+    assert result["iou"] == pytest.approx([1.0, 0.5]) and result["pixel_acc"] == pytest.approx(0.75)
