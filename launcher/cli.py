@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         from launcher import train
 
         result = train.train(args.spec, args.overrides)
-        if result.get("eval"):
+        if result.get("eval") and result["main"]:
             print(f"step {result['step']}: mIoU {result['eval']['miou']:.4f}, pixel accuracy {result['eval']['pixel_acc']:.4f}")
         return 0
     if args.command == "models":

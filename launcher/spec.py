@@ -44,7 +44,7 @@ class DataSpec(Section):
     ratio_range: tuple[float, float] = Field((0.5, 2.0), description="Segmenter: random resize ratio range (mmseg: 0.5..2.0).")
     global_crop_size: int = Field(224, ge=16, description="DINO: global crop size (paper: 224).")
     local_crop_size: int = Field(96, ge=8, description="DINO: local crop size (paper: 96).")
-    local_crops: int = Field(8, ge=0, description="DINO: local crops per image (paper: 8 for the best ViT-S results; 10 in the code's example).")
+    local_crops: int = Field(8, ge=0, description="DINO: local crops per image (main_dino.py default: 8).")
     global_scale: tuple[float, float] = Field((0.4, 1.0), description="DINO: area range of global crops (paper: 0.4..1.0).")
     local_scale: tuple[float, float] = Field((0.05, 0.4), description="DINO: area range of local crops (paper: 0.05..0.4).")
     image_size: int = Field(224, ge=16, description="W-Net: training crop size (paper: 224).")

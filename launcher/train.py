@@ -111,6 +111,8 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family == "wnet")],
         )
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        if not accelerator.is_main_process:
+            logging.getLogger("segjobs").setLevel(logging.WARNING)  # progress is logged by rank 0
         self.run_dir = spec.run_dir
         if accelerator.is_main_process:
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,9 @@ class Trainer:
                                          rank=self.rank, world_size=self.world, **loader_options)
         self.eval_loader = None
         if spec.data.val is not None:
-            sharded = task_class.eval_sharded  # else every rank evaluates the whole split
+            # Every rank evaluates the whole split when the task needs it (k-means) or under FSDP, whose
+            # all-gathers need the same number of forwards on every rank.
+            sharded = task_class.eval_sharded and spec.train.strategy != "fsdp"
             self.eval_loader = build_loader(spec.data.val, task_class.eval_pipeline(spec), batch_size=spec.data.eval_batch_size,
                                             rank=self.rank if sharded else 0, world_size=self.world if sharded else 1,
                                             train=False, **{**loader_options, "pin_memory": False})
@@ -272,7 +276,7 @@ class Trainer:
         if self.eval_loader is not None:
             last_eval = self.evaluate()
         self.train_loader.close()
-        return {"step": self.progress.step, "eval": last_eval}
+        return {"step": self.progress.step, "eval": last_eval, "main": self.accelerator.is_main_process}
 
     def _agree(self, decision: bool) -> bool:
         """Rank 0's decision, on every rank (time-based triggers must not diverge across ranks)."""

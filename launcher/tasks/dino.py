@@ -57,9 +57,14 @@ class DinoTask:
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
         accelerator = context.accelerator
         crops = [normalize(to_device(c, accelerator.device)) for c in batch["crops"]]
+        with torch.no_grad(), accelerator.autocast():
+            teacher_out = self.teacher(crops[:2])  # only the global views pass through the teacher
+        if hasattr(self.teacher, "reshard"):
+            # FSDP leaves a root module's weights gathered after forward, for a backward the teacher never
+            # runs: shard them again so that the EMA pairs shard with shard.
+            self.teacher.reshard()
         with accelerator.accumulate(self.model):
             with accelerator.autocast():
-                teacher_out = self.teacher(crops[:2])  # only the global views pass through the teacher
                 student_out = self.model(crops)
             loss = self.loss(student_out.float(), teacher_out.float(), context.epoch)
             accelerator.backward(loss)
@@ -90,6 +95,8 @@ class DinoTask:
         cluster upsampled to the label's pixels, matched to classes."""
         teacher = self._network(self.teacher)
         teacher.eval()
+        if hasattr(teacher, "unshard"):  # FSDP: the backbone is called directly, past the root's hooks
+            teacher.unshard()
         features, labels = [], []
         for batch in loader:
             images = normalize(to_device(batch["image"], accelerator.device))
@@ -99,6 +106,8 @@ class DinoTask:
             grid = (images.shape[-2] // patch, images.shape[-1] // patch)
             features.extend(t.cpu() for t in tokens)
             labels.extend((label, grid) for label in batch["label"])
+        if hasattr(teacher, "reshard"):
+            teacher.reshard()
         teacher.train()
         if not features:
             return {"miou": 0.0, "pixel_acc": 0.0, "iou": []}
