@@ -66,9 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--dataset", default="images", help="dataset name used in shard names (default images)")
 
     train = commands.add_parser("train", help="train a job spec on this machine (resumes a run with checkpoints)")
-    train.add_argument("spec", help="a job spec YAML file, e.g. jobs/demo_segmenter.yaml")
+    train.add_argument("spec", nargs="?", help="a job spec YAML file, e.g. jobs/demo_segmenter.yaml")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec field (value parsed as YAML), e.g. --set train.max_steps=100")
+    shortcut = train.add_argument_group("shortcut without a spec file (starts from jobs/<model's spec>.yaml)")
+    shortcut.add_argument("--model", choices=["segmenter", "wnet", "dino"])
+    shortcut.add_argument("--batch-size", type=int)
+    shortcut.add_argument("--epochs", type=int)
+    shortcut.add_argument("--learning-rate", type=float)
+    shortcut.add_argument("--pretrained", nargs="?", const="", metavar="FILE",
+                          help="Segmenter: a DINO ViT-S/16 backbone (file, or found in the torch hub cache)")
 
     listing = commands.add_parser("models", help="list every model variant with its parameter count")
     listing.add_argument("--json", action="store_true", help="a JSON list of {name, family, params, ...}")
@@ -111,6 +118,8 @@ def exit_status(exc: Exception) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launcher.spec import SpecError
+
     if args.command == "synth":
         from launcher import data_commands
 
@@ -129,7 +138,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from launcher import train
 
-        result = train.train(args.spec, args.overrides)
+        spec, overrides = args.spec, args.overrides
+        if args.model:
+            spec, overrides = train.shortcut(args.model, args.batch_size, args.epochs, args.learning_rate, args.pretrained, overrides)
+        elif spec is None:
+            raise SpecError("segjobs train: pass a job spec (e.g. jobs/demo_segmenter.yaml) or --model.")
+        result = train.train(spec, overrides)
         if result.get("eval") and result["main"]:
             print(f"step {result['step']}: mIoU {result['eval']['miou']:.4f}, pixel accuracy {result['eval']['pixel_acc']:.4f}")
         return 0

@@ -250,5 +250,8 @@ def check_environment(spec: JobSpec, source: str) -> None:
                 f"{source}: data.{key}: {folder} {what}; expected a shard folder made by `segjobs shard` "
                 f"(e.g. data/shards/ade20k/{'training' if key == 'train' else 'validation'})."
             )
-    if spec.model.pretrained and not Path(spec.model.pretrained).expanduser().is_file() and spec.model.pretrained not in models.pretrained.HUB_FILES:
-        raise SpecError(f"{source}: model.pretrained: {spec.model.pretrained} is not a file.")
+    if spec.model.pretrained:
+        try:
+            models.pretrained.resolve(spec.model.pretrained)
+        except models.PretrainedError as exc:
+            raise SpecError(f"{source}: model.pretrained: {exc}") from None

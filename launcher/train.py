@@ -302,6 +302,30 @@ def _raw(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
+SHORTCUT_SPECS = {"segmenter": "jobs/segmenter_tiny16.yaml", "wnet": "jobs/wnet.yaml", "dino": "jobs/dino_vits8.yaml"}
+
+
+def shortcut(model: str, batch_size: int | None, epochs: int | None, lr: float | None, pretrained: str | None,
+             overrides: list[str]) -> tuple[str, list[str]]:
+    """`segjobs train --model=segmenter --batch-size=16 --epochs=30 --learning-rate=0.001 --pretrained`:
+    the family's job spec with these fields overridden (explicit --set overrides win)."""
+    extra = []
+    if batch_size is not None:
+        extra.append(f"data.batch_size={batch_size}")
+    if epochs is not None:
+        extra += [f"train.epochs={epochs}", "train.max_steps=null"]
+    if lr is not None:
+        extra.append(f"optim.lr={lr}")
+    if pretrained is not None:
+        if model != "segmenter":
+            raise SpecError(f"--pretrained applies to --model=segmenter (a DINO backbone in its encoder), not {model}.")
+        # No DINO backbone has Tiny's width: the pretrained Segmenter is Small/16 on DINO ViT-S/16 weights.
+        log.info("--pretrained: training segmenter_s16_mask from DINO ViT-S/16 weights")
+        extra += ["model.name=segmenter_s16_mask", f"model.pretrained={pretrained or 'dino_vits16'}"]
+    spec = Path(__file__).resolve().parents[1] / SHORTCUT_SPECS[model]
+    return str(spec), extra + overrides
+
+
 def train(spec_path: str, overrides: list[str]) -> dict:
     spec = load_spec(spec_path, overrides)
     check_environment(spec, spec_path)

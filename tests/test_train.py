@@ -234,3 +234,18 @@ def test_unsupervised_metric_matches_clusters_to_classes():
     result = metric.compute()
     # cluster 2 -> class 0 (2 px); one of clusters 0/1 -> class 1, the other unmatched
     assert result["iou"] == pytest.approx([1.0, 0.5]) and result["pixel_acc"] == pytest.approx(0.75)
+
+
+def test_the_seed_shortcut_maps_to_spec_fields(shard_root, tmp_path):
+    from launcher.train import shortcut
+
+    spec, overrides = shortcut("segmenter", 16, 30, 0.001, "", ["train.log_every=5"])
+    assert spec.endswith("jobs/segmenter_tiny16.yaml")
+    assert overrides == ["data.batch_size=16", "train.epochs=30", "train.max_steps=null", "optim.lr=0.001",
+                         "model.name=segmenter_s16_mask", "model.pretrained=dino_vits16", "train.log_every=5"]
+    run_dir = tmp_path / "short"
+    assert segjobs(["train", "--model=wnet", "--batch-size=2", "--epochs=1", "--learning-rate=0.01",
+                    "--set", f"data.train={shard_root / 'training'}", "--set", "data.val=null", "--set", "train.max_steps=1",
+                    "--set", "data.image_size=32", "--set", "model.options={base_channels: 8, levels: 3}",
+                    "--set", "data.num_workers=0", "--set", f"output_dir={run_dir}"]) == 0
+    assert losses(run_dir) and yaml.safe_load((run_dir / "spec.yaml").read_text())["optim"]["lr"] == 0.01
