@@ -255,3 +255,37 @@ def check_environment(spec: JobSpec, source: str) -> None:
             models.pretrained.resolve(spec.model.pretrained)
         except models.PretrainedError as exc:
             raise SpecError(f"{source}: model.pretrained: {exc}") from None
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("pathlib.", "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def spec_reference() -> str:
+    """The spec reference as Markdown, generated from this schema (README embeds it; a test keeps them equal)."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        sections = []
+        rows = []
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                sections.append((name, field.annotation))
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            cells = [f"`{prefix}{name}`", _type_name(field.annotation), default, field.description or ""]
+            rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        if rows:
+            lines.extend(["", f"**{prefix.rstrip('.') or 'top level'}**", "", "| key | type | default | meaning |",
+                          "|---|---|---|---|", *rows])
+        for name, section in sections:
+            walk(section, f"{prefix}{name}.")
+
+    walk(JobSpec, "")
+    return "\n".join(lines).strip() + "\n"

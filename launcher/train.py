@@ -88,6 +88,46 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class LiveView:
+    """What a person watches: a rich progress bar on a terminal (rank 0), TensorBoard scalars when the
+    tensorboard package is installed. Both optional; metrics.jsonl is the record."""
+
+    def __init__(self, run_dir: Path, total: int, done: int, enabled: bool):
+        self.bar = self.writer = None
+        if not enabled:
+            return
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task("train", total=total, completed=done, info="")
+            self.bar.start()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def update(self, step: int, record: dict | None = None) -> None:
+        if self.bar is not None:
+            info = f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} img/s" if record and "loss" in record else None
+            self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+        if self.writer is not None and record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.writer.add_scalar(key, value, step)
+            for key, value in record.get("eval", {}).items():
+                self.writer.add_scalar(f"eval/{key}", value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+
 class Trainer:
     def __init__(self, spec: JobSpec, source: str):
         from accelerate import Accelerator
@@ -106,6 +146,12 @@ class Trainer:
         cuda = torch.cuda.is_available()
         if spec.train.precision == "fp16" and not cuda:
             raise SpecError(f"{source}: train.precision: fp16 needs a GPU; use bf16 or no on CPU.")
+        # Accelerate keeps process-wide state: reset it so that a second run in one process (tests, a notebook)
+        # gets its own precision and accumulation settings. The distributed setup (PartialState) is kept.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=not cuda, mixed_precision=spec.train.precision, gradient_accumulation_steps=spec.train.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family == "wnet")],
@@ -145,9 +191,14 @@ class Trainer:
         self.wds = weight_decays(spec, self.total_steps)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", spec.checkpoint.keep, self.rank, self.world)
         self.progress = Progress()
+        self.checkpoint_requested = False
         if not self._resume():
             # Dropout and drop path differ across ranks, as in the references (seed + rank).
             set_seed(spec.seed + self.rank + self.progress.step)
+
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint at the next log step (a signal handler may call it: it only sets a flag)."""
+        self.checkpoint_requested = True
 
     # ---- state -----------------------------------------------------------------------------------------
     def _state_options(self):
@@ -216,16 +267,25 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.progress.step >= self.total_steps:
+            log.info("already trained %d steps", self.progress.step)
+        view = LiveView(self.run_dir, self.total_steps, self.progress.step, self.accelerator.is_main_process)
+        try:
+            last_eval = self._loop(view)
+        finally:
+            view.close()
+        return {"step": self.progress.step, "eval": last_eval, "main": self.accelerator.is_main_process}
+
+    def _loop(self, view: LiveView) -> dict | None:
         from launcher.tasks import StepContext
 
         spec, accelerator = self.spec, self.accelerator
         batch_size = spec.data.batch_size * self.world
         running: dict[str, torch.Tensor] = {}
         window_start, wait, window_samples = time.perf_counter(), 0.0, 0
+        paused = 0.0  # seconds of checkpointing and evaluation inside the current window
         last_checkpoint = time.monotonic()
         last_eval: dict | None = None
-        if self.progress.step >= self.total_steps:
-            log.info("already trained %d steps", self.progress.step)
         while self.progress.step < self.total_steps:
             epoch = self.train_loader.epoch
             batches = iter(self.train_loader)
@@ -251,7 +311,7 @@ class Trainer:
                 self.progress.step += 1
                 step = self.progress.step
                 if step % spec.train.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
+                    elapsed = time.perf_counter() - window_start - paused
                     record = {"step": step, "epoch": epoch, "lr": float(self.lrs[step - 1]),
                               "samples_per_s": window_samples / elapsed, "data_wait": wait / elapsed,
                               "skipped": self.train_loader.skipped}
@@ -261,22 +321,31 @@ class Trainer:
                     if torch.cuda.is_available():
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                     self.metrics.write(record)
+                    view.update(step, record)
                     log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps, record["loss"], record["lr"], record["samples_per_s"])
-                    running, window_start, wait, window_samples = {}, time.perf_counter(), 0.0, 0
-                    if spec.checkpoint.every_minutes and self._agree(time.monotonic() - last_checkpoint > 60 * spec.checkpoint.every_minutes):
+                    running, window_start, wait, window_samples, paused = {}, time.perf_counter(), 0.0, 0, 0.0
+                    # Time and signals differ across ranks: rank 0 decides, at log steps (already a sync point).
+                    overdue = bool(spec.checkpoint.every_minutes) and time.monotonic() - last_checkpoint > 60 * spec.checkpoint.every_minutes
+                    if self._agree(overdue or self.checkpoint_requested):
                         self.save()
+                        self.checkpoint_requested = False
                         last_checkpoint = time.monotonic()
+                else:
+                    view.update(step)
+                pause_start = time.perf_counter()
                 if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0 and step < self.total_steps:
                     self.save()
                     last_checkpoint = time.monotonic()
                 if self.eval_loader is not None and spec.train.eval_every and step % spec.train.eval_every == 0 and step < self.total_steps:
                     last_eval = self.evaluate()
+                paused += time.perf_counter() - pause_start
         if self.checkpointer.latest() is None or self.checkpointer.steps()[-1] != self.progress.step:
             self.save()
         if self.eval_loader is not None:
             last_eval = self.evaluate()
+            view.update(self.progress.step, {"eval": {k: v for k, v in last_eval.items() if k != "iou"}})
         self.train_loader.close()
-        return {"step": self.progress.step, "eval": last_eval, "main": self.accelerator.is_main_process}
+        return last_eval
 
     def _agree(self, decision: bool) -> bool:
         """Rank 0's decision, on every rank (time-based triggers must not diverge across ranks)."""

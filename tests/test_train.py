@@ -249,3 +249,11 @@ def test_the_seed_shortcut_maps_to_spec_fields(shard_root, tmp_path):
                     "--set", "data.image_size=32", "--set", "model.options={base_channels: 8, levels: 3}",
                     "--set", "data.num_workers=0", "--set", f"output_dir={run_dir}"]) == 0
     assert losses(run_dir) and yaml.safe_load((run_dir / "spec.yaml").read_text())["optim"]["lr"] == 0.01
+
+
+def test_readme_spec_reference_is_generated_from_the_schema():
+    from launcher.spec import spec_reference
+
+    readme = (REPO / "README.md").read_text()
+    embedded = readme.split("<!-- spec-reference:start -->\n", 1)[1].split("<!-- spec-reference:end -->", 1)[0]
+    assert embedded == spec_reference(), "README's spec reference is stale: run tools/update_readme.py"

@@ -4,7 +4,6 @@ both U-Nets; evaluation is unsupervised mIoU (clusters matched to classes by the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import models
 from launcher.evaluate import SegmentationMetric
