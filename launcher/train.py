@@ -160,10 +160,6 @@ class Trainer:
         if not accelerator.is_main_process:
             logging.getLogger("segjobs").setLevel(logging.WARNING)  # progress is logged by rank 0
         self.run_dir = spec.run_dir
-        if accelerator.is_main_process:
-            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "spec.yaml").write_text(spec.to_yaml())
-        accelerator.wait_for_everyone()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", accelerator.is_main_process)
 
         task_class = tasks.task_class(family)
@@ -195,22 +191,21 @@ class Trainer:
         if not self._resume():
             # Dropout and drop path differ across ranks, as in the references (seed + rank).
             set_seed(spec.seed + self.rank + self.progress.step)
+        if accelerator.is_main_process:  # only now: a refused resume leaves the run directory untouched
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "spec.yaml").write_text(spec.to_yaml())
+        accelerator.wait_for_everyone()
 
     def request_checkpoint(self) -> None:
         """Ask for a checkpoint at the next log step (a signal handler may call it: it only sets a flag)."""
         self.checkpoint_requested = True
 
     # ---- state -----------------------------------------------------------------------------------------
-    def _state_options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
     def save(self) -> Path:
         """Collective: every rank calls it (FSDP gathers the full weights for rank 0)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-        options = self._state_options()
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model = self.task.model
         shared = {
             "model": get_model_state_dict(model, options=options),
@@ -219,8 +214,6 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "progress": vars(self.progress).copy(),
         }
-        if hasattr(self.task, "teacher"):
-            shared["teacher"] = get_model_state_dict(self.task.teacher, options=options)
         meta = {"resume": resume_fingerprint(self.spec), "time": time.time()}
         path = self.checkpointer.save(self.progress.step, shared if self.rank == 0 else None, meta)
         log.info("checkpoint %s", path)
@@ -253,8 +246,6 @@ class Trainer:
         optimizer_options = StateDictOptions(full_state_dict=True, strict=False)
         for optimizer, state in zip(self.task.optimizers, shared["optimizers"]):
             set_optimizer_state_dict(model, _raw(optimizer), state, options=optimizer_options)
-        if "teacher" in shared:
-            set_model_state_dict(self.task.teacher, shared["teacher"], options=options)
         self.task.load_extra_state(shared["task"])
         self.train_loader.load_state_dict(shared["loader"])
         self.progress = Progress(**shared["progress"])

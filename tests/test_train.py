@@ -152,8 +152,10 @@ def test_resume_with_another_architecture_is_refused(shard_root, tmp_path, capsy
     spec = write_spec(tmp_path, shard_root, "segmenter", name="arch", train={"max_steps": 3})
     assert segjobs(["train", str(spec)]) == 0
     capsys.readouterr()
+    saved_spec = (tmp_path / "arch" / "spec.yaml").read_text()
     assert segjobs(["train", str(spec), "--set", "model.name=segmenter_t16_mask"]) == 2
     assert "model.name changed since the checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "arch" / "spec.yaml").read_text() == saved_spec
     assert segjobs(["train", str(spec), "--set", "train.max_steps=5", "--set", "train.log_every=2"]) == 0  # safe changes
 
 

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import models
 from launcher.evaluate import SegmentationMetric, kmeans
@@ -84,10 +85,13 @@ class DinoTask:
         return getattr(module, "module", module)
 
     def extra_state(self) -> dict:
-        return {"center": self.loss.center.detach().cpu()}
+        """Collective under FSDP (the teacher's shards are gathered): every rank calls it."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"center": self.loss.center.detach().cpu(), "teacher": get_model_state_dict(self.teacher, options=options)}
 
     def load_extra_state(self, state: dict) -> None:
         self.loss.center.copy_(state["center"].to(self.loss.center.device))
+        set_model_state_dict(self.teacher, state["teacher"], options=StateDictOptions(full_state_dict=True))
 
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:
