@@ -140,9 +140,10 @@ class Trainer:
         from shards.loader import build_loader
 
         self.spec, self.source = spec, source
-        family = models.entry(spec.model.name).family
-        if family == "wnet" and spec.train.grad_accum != 1:
-            raise SpecError(f"{source}: train.grad_accum: W-Net takes two optimizer steps per batch; expected 1, found {spec.train.grad_accum}.")
+        task_class = tasks.task_class(models.entry(spec.model.name).family)
+        if not task_class.supports_grad_accum and spec.train.grad_accum != 1:
+            raise SpecError(f"{source}: train.grad_accum: {spec.model.name} takes several optimizer steps per batch; "
+                            f"expected 1, found {spec.train.grad_accum}.")
         cuda = torch.cuda.is_available()
         if spec.train.precision == "fp16" and not cuda:
             raise SpecError(f"{source}: train.precision: fp16 needs a GPU; use bf16 or no on CPU.")
@@ -154,7 +155,7 @@ class Trainer:
         GradientState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=not cuda, mixed_precision=spec.train.precision, gradient_accumulation_steps=spec.train.grad_accum,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family == "wnet")],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=task_class.ddp_find_unused_parameters)],
         )
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         if not accelerator.is_main_process:
@@ -162,7 +163,6 @@ class Trainer:
         self.run_dir = spec.run_dir
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", accelerator.is_main_process)
 
-        task_class = tasks.task_class(family)
         loader_options = dict(seed=spec.seed, num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer,
                               skip_corrupt=spec.data.skip_corrupt, pin_memory=cuda)
         self.train_loader = build_loader(spec.data.train, task_class.train_pipeline(spec), batch_size=spec.data.batch_size,
@@ -180,7 +180,7 @@ class Trainer:
         self.total_steps = min(limits)
         set_seed(spec.seed)  # identical initial weights on every rank
         self.task = task_class(spec, accelerator, self.steps_per_epoch, self.total_steps)
-        wrap = make_wrap(accelerator, spec.train.strategy, spec.train.compile, channels_last=family == "wnet")
+        wrap = make_wrap(accelerator, spec.train.strategy, spec.train.compile, channels_last=task_class.channels_last)
         self.task.parallel_wrap(wrap)
         self.task.optimizers = [accelerator.prepare_optimizer(o) for o in self.task.optimizers]
         self.lrs = learning_rates(spec, self.total_steps)

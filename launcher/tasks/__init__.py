@@ -29,6 +29,9 @@ class Task(Protocol):
     model: nn.Module  # the trained network (the trainer wraps it for DDP/FSDP and checkpoints it)
     optimizers: list[torch.optim.Optimizer]
     ddp_find_unused_parameters: bool  # W-Net's N-cut step leaves U-Dec without gradients
+    eval_sharded: bool  # False: every rank evaluates the whole split (DINO's k-means needs all features)
+    supports_grad_accum: bool  # False when one batch already takes several optimizer steps (W-Net)
+    channels_last: bool  # convolutional networks: NHWC memory format
 
     @staticmethod
     def train_pipeline(spec): ...

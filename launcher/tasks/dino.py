@@ -23,6 +23,8 @@ MAX_KMEANS_FEATURES = 100_000
 
 
 class DinoTask:
+    supports_grad_accum = True
+    channels_last = False
     ddp_find_unused_parameters = False
     eval_sharded = False  # k-means must see the whole split: every rank evaluates all of it, identically
 

@@ -13,6 +13,8 @@ from shards.transforms import SegmenterEval, SegmenterTrain
 
 class SegmenterTask:
     eval_sharded = True
+    supports_grad_accum = True
+    channels_last = False
     ddp_find_unused_parameters = False
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):

@@ -16,6 +16,8 @@ from shards.transforms import WNetCrop
 class WNetTask:
     # The N-cut step's forward uses U-Enc only; DDP must not wait for U-Dec's gradients then.
     eval_sharded = True
+    supports_grad_accum = False  # two optimizer steps per batch
+    channels_last = True  # faster convolutions on GPUs
     ddp_find_unused_parameters = True
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
