@@ -5,6 +5,7 @@
     segjobs shard images ~/frames data/shards/frames --split training
     segjobs shard verify data/shards/ade20k/training
     segjobs models --json
+    segjobs train jobs/demo_segmenter.yaml --set train.max_steps=100
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
 `--debug` adds the traceback. Heavy imports (torch) happen inside the subcommand that needs them, so

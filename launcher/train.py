@@ -391,11 +391,15 @@ def train(spec_path: str, overrides: list[str]) -> dict:
     check_environment(spec, spec_path)
     trainer = Trainer(spec, spec_path)
     try:
-        return trainer.run()
+        result = trainer.run()
     finally:
         trainer.train_loader.close()
-        if trainer.accelerator.num_processes > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # Only after a clean run: a rank that failed must not wait in a barrier that another rank, stuck in a
+    # collective, never reaches. Destroying the group before exit keeps gloo's threads from aborting.
+    if trainer.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
