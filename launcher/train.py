@@ -2,7 +2,7 @@
 
     segjobs train jobs/demo_segmenter.yaml --set train.max_steps=50
     accelerate launch --multi_gpu -m launcher.train jobs/segmenter_tiny16.yaml        # a GPU workstation
-    torchrun --nproc_per_node 2 -m launcher.train jobs/demo_segmenter.yaml            # CPU, 2 processes, gloo
+    torchrun --standalone --nproc_per_node 2 -m launcher.train jobs/demo_segmenter.yaml   # CPU, 2 processes, gloo
 
 Rank and world size come from the environment (torchrun, accelerate launch, or SLURM via `segjobs submit`).
 A run directory that already holds checkpoints is resumed from the latest one. Note: `accelerate launch
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -405,7 +406,15 @@ def train(spec_path: str, overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from launcher.cli import main as segjobs
 
-    return segjobs(["train", *(sys.argv[1:] if argv is None else argv)])
+    status = segjobs(["train", *(sys.argv[1:] if argv is None else argv)])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One process of several (torchrun, accelerate launch, SLURM): leave without interpreter finalization,
+        # where gloo's worker threads can abort or crash the process after a successful run (seen on CPU).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

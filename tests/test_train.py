@@ -68,8 +68,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 
 
 def torchrun(nproc: int, spec: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "launcher.train", str(spec), *(f"--set={o}" for o in overrides)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "launcher.train", str(spec), *(f"--set={o}" for o in overrides)]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -167,8 +167,7 @@ def test_ddp_two_processes_resume_exactly_and_elastically(shard_root, tmp_path):
     assert sorted(expected) == list(range(1, 9))
 
     killed = write_spec(tmp_path, shard_root, "segmenter", name="ddp_killed", data={"batch_size": 2})
-    port = str(29600 + os.getpid() % 1000)
-    kill_after_checkpoint([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    kill_after_checkpoint([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "launcher.train", str(killed)], tmp_path / "ddp_killed" / "checkpoints" / "step_00000003")
     result = torchrun(2, killed)
     assert result.returncode == 0, result.stderr[-3000:]
