@@ -258,3 +258,27 @@ def test_readme_spec_reference_is_generated_from_the_schema():
     readme = (REPO / "README.md").read_text()
     embedded = readme.split("<!-- spec-reference:start -->\n", 1)[1].split("<!-- spec-reference:end -->", 1)[0]
     assert embedded == spec_reference(), "README's spec reference is stale: run tools/update_readme.py"
+
+
+def test_weight_decay_groups_do_not_depend_on_a_ddp_wrapper():
+    from launcher.tasks import param_groups
+
+    class Network(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 3))
+            self.proj = torch.nn.Linear(3, 3)
+
+        def no_weight_decay(self):
+            return {"pos_embed"}
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like to param_groups: the network under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    network = Network()
+    plain, wrapped = param_groups(network, 0.1), param_groups(Wrapper(network), 0.1)
+    assert [[id(p) for p in g["params"]] for g in plain] == [[id(p) for p in g["params"]] for g in wrapped]
+    decayed = {id(p) for p in plain[0]["params"]}
+    assert decayed == {id(network.proj.weight)}  # pos_embed (no_weight_decay) and the bias do not decay

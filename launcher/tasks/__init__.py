@@ -64,6 +64,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weights decay; biases, norms and 1-D parameters (and the model's no_weight_decay names) do not."""
+    model = getattr(model, "module", model)  # the same groups with or without a DDP wrapper
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
