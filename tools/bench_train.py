@@ -37,7 +37,7 @@ CPU_CASES = {
     "demo_wnet": ["train.max_steps=30"],
     "demo_dino": ["train.max_steps=30"],
 }
-GPU_CASES = {  # the sizes the issue names: DINO ViT-S/8 2x224 + 8x96 batch 32; Segmenter S/16-mask 512 batch 8
+GPU_CASES = {  # reference sizes: DINO ViT-S/8 2x224 + 8x96 crops, batch 32; Segmenter S/16-mask at 512, batch 8
     "dino_vits8": ["train.max_steps=60", "data.batch_size=32", "data.local_crops=8", "train.precision=bf16",
                    "data.num_workers=12", "model.options={out_dim: 65536, drop_path_rate: 0.1}"],
     "segmenter_small16": ["train.max_steps=80", "data.batch_size=8", "train.precision=bf16", "data.num_workers=12"],
