@@ -22,6 +22,7 @@ test: install
 demo: install $(DEMO)/ADEChallengeData2016/objectInfo150.txt
 	$(BIN)/segjobs shard ade20k $(DEMO)/ADEChallengeData2016 $(DEMO)/shards --samples-per-shard 100 --workers 2
 	$(BIN)/segjobs shard verify $(DEMO)/shards
+	$(BIN)/segjobs train jobs/demo_segmenter.yaml
 
 $(DEMO)/ADEChallengeData2016/objectInfo150.txt: | $(STAMP)
 	$(BIN)/segjobs synth ade20k $(DEMO)/ADEChallengeData2016 --train 400 --val 100 --size 256x320 --seed 0
