@@ -3,13 +3,13 @@
 A Task builds its network(s) and data pipelines, turns a batch into optimizer steps (returning the losses
 as device tensors: the trainer reads them only at log steps), carries any state beyond model and
 optimizers (DINO's teacher and centre), and evaluates. Adding a family is one module here plus one line in
-FAMILIES.
+task_class().
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,13 +25,21 @@ class StepContext:
     accelerator: Any
 
 
-class Task(Protocol):
-    model: nn.Module  # the trained network (the trainer wraps it for DDP/FSDP and checkpoints it)
-    optimizers: list[torch.optim.Optimizer]
-    ddp_find_unused_parameters: bool  # W-Net's N-cut step leaves U-Dec without gradients
-    eval_sharded: bool  # False: every rank evaluates the whole split (DINO's k-means needs all features)
-    supports_grad_accum: bool  # False when one batch already takes several optimizer steps (W-Net)
-    channels_last: bool  # convolutional networks: NHWC memory format
+class Task:
+    """The base of every family's task: builds the network from the spec; the defaults below suit a
+    single-optimizer family without state beyond model and optimizers."""
+
+    ddp_find_unused_parameters = False  # W-Net's N-cut step leaves U-Dec without gradients
+    eval_sharded = True  # False: every rank evaluates the whole split (DINO's k-means needs all features)
+    supports_grad_accum = True  # False when one batch already takes several optimizer steps (W-Net)
+    channels_last = False  # convolutional networks: NHWC memory format
+
+    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
+        import models
+
+        self.spec = spec
+        self.model: nn.Module = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
+        self.optimizers: list[torch.optim.Optimizer] = []
 
     @staticmethod
     def train_pipeline(spec): ...
@@ -40,15 +48,21 @@ class Task(Protocol):
     def eval_pipeline(spec): ...
 
     def parallel_wrap(self, wrap) -> None:
-        """Apply `wrap(module) -> module` (the trainer's DDP/FSDP) to the trained network and build the optimizers."""
+        """Apply `wrap(module) -> module` (the trainer's DDP/FSDP) to the trained network, build the optimizers."""
+        self.model = wrap(self.model)
+        self.optimizers = [make_optimizer(self.spec, param_groups(self.model, self.spec.optim.weight_decay))]
 
-    def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]: ...
+    def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
-    def extra_state(self) -> dict: ...
+    def extra_state(self) -> dict:
+        return {}
 
-    def load_extra_state(self, state: dict) -> None: ...
+    def load_extra_state(self, state: dict) -> None:
+        pass
 
-    def evaluate(self, loader, accelerator) -> dict: ...
+    def evaluate(self, loader, accelerator) -> dict:
+        raise NotImplementedError
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

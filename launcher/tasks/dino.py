@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-import models
 from launcher.evaluate import SegmentationMetric, kmeans
-from launcher.tasks import StepContext, make_optimizer, normalize, param_groups, to_device
+from launcher.tasks import StepContext, Task, normalize, to_device
 from models.dino import DINOLoss, cancel_last_layer_gradients, clip_gradients, cosine_schedule, ema_update
 from shards.ade20k import NUM_CLASSES
 from shards.transforms import DinoMultiCrop, WNetCrop
@@ -22,15 +21,11 @@ EVAL_CLUSTERS = 20
 MAX_KMEANS_FEATURES = 100_000
 
 
-class DinoTask:
-    supports_grad_accum = True
-    channels_last = False
-    ddp_find_unused_parameters = False
+class DinoTask(Task):
     eval_sharded = False  # k-means must see the whole split: every rank evaluates all of it, identically
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
-        self.spec, self.accelerator = spec, accelerator
-        self.model = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
+        super().__init__(spec, accelerator, steps_per_epoch, total_steps)
         self.teacher = copy.deepcopy(self.model)  # the same initial weights as the student (the reference)
         for p in self.teacher.parameters():
             p.requires_grad = False
@@ -39,7 +34,6 @@ class DinoTask:
         self.loss = DINOLoss(self.model.config.out_dim, ncrops, spec.dino.warmup_teacher_temp, spec.dino.teacher_temp,
                              spec.dino.warmup_teacher_temp_epochs, epochs).to(accelerator.device)
         self.momentum = cosine_schedule(spec.dino.momentum_teacher, 1.0, epochs, steps_per_epoch)
-        self.optimizers: list[torch.optim.Optimizer] = []
 
     @staticmethod
     def train_pipeline(spec):
@@ -53,9 +47,8 @@ class DinoTask:
         return WNetCrop(size=spec.data.global_crop_size, train=False)
 
     def parallel_wrap(self, wrap) -> None:
-        self.model = wrap(self.model)
+        super().parallel_wrap(wrap)
         self.teacher = wrap(self.teacher, trainable=False)
-        self.optimizers = [make_optimizer(self.spec, param_groups(self.model, self.spec.optim.weight_decay))]
 
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
         accelerator = context.accelerator

@@ -5,23 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import models
 from launcher.evaluate import IGNORE_INDEX, SegmentationMetric
-from launcher.tasks import StepContext, make_optimizer, normalize, param_groups, to_device
+from launcher.tasks import StepContext, Task, normalize, to_device
 from shards.transforms import SegmenterEval, SegmenterTrain
 
 
-class SegmenterTask:
-    eval_sharded = True
-    supports_grad_accum = True
-    channels_last = False
-    ddp_find_unused_parameters = False
-
+class SegmenterTask(Task):
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
-        self.spec, self.accelerator = spec, accelerator
-        self.model = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
+        super().__init__(spec, accelerator, steps_per_epoch, total_steps)
         self.num_classes = self.model.config.num_classes
-        self.optimizers: list[torch.optim.Optimizer] = []
 
     @staticmethod
     def train_pipeline(spec):
@@ -31,10 +23,6 @@ class SegmenterTask:
     @staticmethod
     def eval_pipeline(spec):
         return SegmenterEval(scale=tuple(spec.data.scale))
-
-    def parallel_wrap(self, wrap) -> None:
-        self.model = wrap(self.model)
-        self.optimizers = [make_optimizer(self.spec, param_groups(self.model, self.spec.optim.weight_decay))]
 
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
         accelerator = context.accelerator
@@ -49,12 +37,6 @@ class SegmenterTask:
             self.optimizers[0].step()
             self.optimizers[0].zero_grad(set_to_none=True)
         return {"loss": loss.detach()}
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:

@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import torch
 
-import models
 from launcher.evaluate import SegmentationMetric
-from launcher.tasks import StepContext, make_optimizer, param_groups, to_device
+from launcher.tasks import StepContext, Task, make_optimizer, param_groups, to_device
 from models.wnet import reconstruction_loss, soft_ncut_loss
 from shards.ade20k import NUM_CLASSES
 from shards.transforms import WNetCrop
 
 
-class WNetTask:
-    # The N-cut step's forward uses U-Enc only; DDP must not wait for U-Dec's gradients then.
-    eval_sharded = True
+class WNetTask(Task):
+    ddp_find_unused_parameters = True  # the N-cut step's forward uses U-Enc only
     supports_grad_accum = False  # two optimizer steps per batch
     channels_last = True  # faster convolutions on GPUs
-    ddp_find_unused_parameters = True
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
-        self.spec, self.accelerator = spec, accelerator
-        self.model = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
+        super().__init__(spec, accelerator, steps_per_epoch, total_steps)
         self.num_segments = self.model.config.num_segments
-        self.optimizers: list[torch.optim.Optimizer] = []
 
     @staticmethod
     def train_pipeline(spec):
@@ -62,12 +57,6 @@ class WNetTask:
         full_opt.step()
         full_opt.zero_grad(set_to_none=True)
         return {"loss": (ncut + rec).detach(), "ncut": ncut.detach(), "reconstruction": rec.detach()}
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:
