@@ -10,7 +10,8 @@ boundaries whatever the number of workers. A shard is written to `.<name>.tmp` a
 interrupted run never leaves a partial tar under a final name; a rerun skips shards that are complete and
 match their recorded sha256, and whose source files (names, sizes, mtimes) are unchanged.
 
-Note: workers check runs of consecutive samples and lay them out as finished tar members; the parent only
+Note: workers read each file once, check it and lay runs of consecutive samples out as finished tar
+members (the bytes checked are the bytes packed); the parent only
 appends those bytes in order and hashes them, so shards are identical for any --workers and the parallel
 part is nearly all the work.
 """
@@ -18,6 +19,7 @@ part is nearly all the work.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -73,10 +75,11 @@ class SplitSummary:
         )
 
 
-def check_sample(sample: SourceSample) -> CheckResult:
-    """Decode the image (and label) fully; say why the sample cannot be used, or None."""
+def check_sample(sample: SourceSample, image_bytes: bytes, label_bytes: bytes | None) -> CheckResult:
+    """Decode the image (and label) from the bytes read once for packing; say why the sample cannot be
+    used, or None."""
     try:
-        with Image.open(sample.image) as image:
+        with Image.open(io.BytesIO(image_bytes)) as image:
             size = image.size
             # JPEG: libjpeg still decodes every entropy-coded block (truncation and broken streams raise
             # as in a full decode) but skips the full-resolution inverse DCT, about 30% of a full load.
@@ -86,10 +89,10 @@ def check_sample(sample: SourceSample) -> CheckResult:
         return CheckResult(sample.key, f"image does not decode: {exc}")
     if sample.label is None:
         return CheckResult(sample.key, None, *size)
-    if not sample.label.is_file():
+    if label_bytes is None:
         return CheckResult(sample.key, f"no label: {sample.label.name} is missing")
     try:
-        with Image.open(sample.label) as label:
+        with Image.open(io.BytesIO(label_bytes)) as label:
             if label.format != "PNG" or label.mode not in ("L", "P"):
                 return CheckResult(
                     sample.key, f"label is not a single-channel 8-bit PNG (format {label.format}, mode {label.mode})"
@@ -170,11 +173,18 @@ def pack_run(job: tuple[list[SourceSample], str, str, Path | None]) -> PackedRun
     samples, dataset, split, part = job
     blocks, rejected, count = [], [], 0
     for sample in samples:
-        check = check_sample(sample)
+        try:
+            image = sample.image.read_bytes()
+            label = sample.label.read_bytes() if sample.label is not None and sample.label.is_file() else None
+        except OSError as exc:
+            rejected.append(Rejection(sample.source, f"cannot read: {exc.strerror}"))
+            continue
+        check = check_sample(sample, image, label)
         if check.reason is not None:
             rejected.append(Rejection(sample.source, check.reason))
             continue
-        blocks.extend(tar_member(name, data) for name, data in sample_members(sample, check, dataset, split))
+        members = sample_members(sample, check, image, label, dataset, split)
+        blocks.extend(tar_member(name, data) for name, data in members)
         count += 1
     data = b"".join(blocks)
     if part is None:
@@ -208,16 +218,17 @@ def write_shard(path: Path, runs: Iterator[PackedRun]) -> tuple[ShardEntry, list
     return ShardEntry(path.name, count, size, sha256.hexdigest()), rejected
 
 
-def sample_members(sample: SourceSample, check: CheckResult, dataset: str, split: str) -> list[tuple[str, bytes]]:
-    """The tar members of one good sample, in sorted name order."""
+def sample_members(sample: SourceSample, check: CheckResult, image: bytes, label: bytes | None, dataset: str,
+                   split: str) -> list[tuple[str, bytes]]:
+    """The tar members of one good sample (the original bytes), in sorted name order."""
     suffix = "jpg" if sample.image.suffix.lower() in (".jpg", ".jpeg") else sample.image.suffix.lower()[1:]
     meta = {"dataset": dataset, "split": split, "source": sample.source, "width": check.width, "height": check.height}
     members = [
-        (f"{sample.key}.{suffix}", sample.image.read_bytes()),
+        (f"{sample.key}.{suffix}", image),
         (f"{sample.key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
     ]
-    if sample.label is not None:
-        members.append((f"{sample.key}.seg.png", sample.label.read_bytes()))
+    if label is not None:
+        members.append((f"{sample.key}.seg.png", label))
     return sorted(members)
 
 
