@@ -6,6 +6,9 @@
     segjobs shard verify data/shards/ade20k/training
     segjobs models --json
     segjobs train jobs/demo_segmenter.yaml --set train.max_steps=100
+    segjobs submit jobs/dino_vits8.yaml --set resources.partition=gpu
+    segjobs status --watch
+    segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
 `--debug` adds the traceback. Heavy imports (torch) happen inside the subcommand that needs them, so
@@ -78,6 +81,38 @@ def build_parser() -> argparse.ArgumentParser:
     shortcut.add_argument("--pretrained", nargs="?", const="", metavar="FILE",
                           help="Segmenter: a DINO ViT-S/16 backbone (file, or found in the torch hub cache)")
 
+    submit = commands.add_parser("submit", help="submit a job spec to SLURM (or run it with the local executor)")
+    submit.add_argument("spec", help="a job spec YAML file, e.g. jobs/dino_vits8.yaml")
+    submit.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto",
+                        help="auto (default): slurm when a SLURM controller answers, else local processes")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field (value parsed as YAML)")
+    submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one run per value (several --sweep: every combination), submitted as one job array")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+
+    status = commands.add_parser("status", help="a table of runs: SLURM state, progress, loss, ETA, checkpoints")
+    status.add_argument("runs", nargs="*", metavar="RUN", help="run names or folders (default: recent runs)")
+    status.add_argument("--all", action="store_true", help="every known run, not only those active in the last 7 days")
+    status.add_argument("--runs", dest="run_dirs", action="append", default=[], type=Path, metavar="DIR",
+                        help="also show the runs in DIR (a run folder or a folder of runs)")
+    status.add_argument("--watch", action="store_true", help="refresh until every shown run has finished")
+    status.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    logs = commands.add_parser("logs", help="print the log of a run's latest job")
+    logs.add_argument("run", help="run name or folder")
+    logs.add_argument("--follow", action="store_true", help="keep printing while the job runs")
+    logs.add_argument("--rank", type=int, default=0, help="which task's log (default 0)")
+
+    cancel = commands.add_parser("cancel", help="cancel a run's job (scancel, or stop the local processes)")
+    cancel.add_argument("run", help="run name or folder")
+
+    resume = commands.add_parser("resume", help="resubmit a stopped, failed or cancelled run from its latest checkpoint")
+    resume.add_argument("run", help="run name or folder")
+    resume.add_argument("--cluster", choices=["auto", "slurm", "local"], default=None,
+                        help="default: where its last job ran")
+
     listing = commands.add_parser("models", help="list every model variant with its parameter count")
     listing.add_argument("--json", action="store_true", help="a JSON list of {name, family, params, ...}")
 
@@ -106,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_status(exc: Exception) -> int | None:
     """The exit status for an error a user can cause; None for a bug (which keeps its traceback)."""
+    from launcher.runs import RunError
     from launcher.spec import SpecError
+    from launcher.submit import SubmitError
     from shards.errors import BadSourceError, ShardsError
 
-    if isinstance(exc, (BadSourceError, SpecError)):
+    if isinstance(exc, (BadSourceError, SpecError, RunError)):
         return USAGE_ERROR
-    if isinstance(exc, ShardsError):
+    if isinstance(exc, (ShardsError, SubmitError)):
         return WORK_FAILED
     if type(exc).__name__ == "PretrainedError":  # models.pretrained; not imported here, it imports torch
         return USAGE_ERROR
@@ -148,6 +185,20 @@ def run(args: argparse.Namespace) -> int:
         if result.get("eval") and result["main"]:
             print(f"step {result['step']}: mIoU {result['eval']['miou']:.4f}, pixel accuracy {result['eval']['pixel_acc']:.4f}")
         return 0
+    if args.command in ("submit", "resume", "cancel"):
+        from launcher import submit
+
+        if args.command == "submit":
+            return submit.submit(args.spec, args.cluster, args.overrides, args.sweep, args.dry_run)
+        if args.command == "resume":
+            return submit.resume(args.run, args.cluster)
+        return submit.cancel(args.run)
+    if args.command in ("status", "logs"):
+        from launcher import status
+
+        if args.command == "logs":
+            return status.logs(args.run, args.follow, args.rank)
+        return status.show(args.runs, args.run_dirs, args.all, args.watch, args.json, args.interval)
     if args.command == "models":
         from launcher import catalog
 

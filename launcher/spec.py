@@ -116,7 +116,7 @@ class ResourcesSpec(Section):
     qos: str | None = Field(None, description="SLURM QOS.")
     constraint: str | None = Field(None, description="SLURM node constraint (e.g. a100).")
     exclude: str | None = Field(None, description="Nodes to avoid.")
-    signal_delay_s: int = Field(120, ge=10, description="Seconds before the time limit when SLURM signals the job to checkpoint.")
+    signal_delay_s: int = Field(120, ge=10, description="Seconds before the time limit when SLURM sends SIGUSR2: enough for train.log_every steps (the signal is acted on at a log step) plus writing a checkpoint.")
     max_requeues: int = Field(10, ge=0, description="Requeues after a time limit (preemptions are not counted).")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before the job (module load, conda activate).")
     sbatch: dict[str, str] = Field(default_factory=dict, description="Extra sbatch options, without the leading --.")
@@ -214,16 +214,19 @@ def parse_spec(raw: Any, source: str, overrides: list[str] = ()) -> JobSpec:
         raise SpecError(" ".join(_explain(source, e) for e in exc.errors())) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read, override and validate a spec file (schema only; `check_environment` checks data and model)."""
-    path = Path(path)
+def read_spec_file(path: str | Path) -> Any:
+    """The YAML of a spec file, not yet validated."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job spec ({exc.strerror}).") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc}).") from None
-    return parse_spec(raw, str(path), overrides)
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read, override and validate a spec file (schema only; `check_environment` checks data and model)."""
+    return parse_spec(read_spec_file(path), str(path), overrides)
 
 
 def check_environment(spec: JobSpec, source: str) -> None:

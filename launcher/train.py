@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,6 +53,16 @@ def weight_decays(spec: JobSpec, total_steps: int) -> np.ndarray:
     if end is None:
         return np.full(total_steps, start)
     return end + 0.5 * (start - end) * (1 + np.cos(np.pi * np.arange(total_steps) / max(total_steps, 1)))
+
+
+def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
+    """Why a checkpoint written with the fingerprint `saved` cannot be resumed under `spec` (None if it can)."""
+    now = resume_fingerprint(spec)
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if not changed:
+        return None
+    differences = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+    return f"{', '.join(changed)} changed since the checkpoint ({differences})"
 
 
 def resume_fingerprint(spec: JobSpec) -> dict:
@@ -188,7 +200,7 @@ class Trainer:
         self.wds = weight_decays(spec, self.total_steps)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", spec.checkpoint.keep, self.rank, self.world)
         self.progress = Progress()
-        self.checkpoint_requested = False
+        self.checkpoint_requested = self.stop_requested = self.stopped = False
         if not self._resume():
             # Dropout and drop path differ across ranks, as in the references (seed + rank).
             set_seed(spec.seed + self.rank + self.progress.step)
@@ -197,9 +209,11 @@ class Trainer:
             (self.run_dir / "spec.yaml").write_text(spec.to_yaml())
         accelerator.wait_for_everyone()
 
-    def request_checkpoint(self) -> None:
-        """Ask for a checkpoint at the next log step (a signal handler may call it: it only sets a flag)."""
+    def request_checkpoint(self, stop: bool = False) -> None:
+        """Ask for a checkpoint at the next log step and, with stop=True, to end the run after it (SIGUSR2 before
+        a requeue). Only sets flags, so a signal handler may call it; rank 0's flags decide for every rank."""
         self.checkpoint_requested = True
+        self.stop_requested = self.stop_requested or stop
 
     # ---- state -----------------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -230,15 +244,9 @@ class Trainer:
         if latest is None:
             return False
         shared, meta, rng = self.checkpointer.load(latest)
-        now = resume_fingerprint(self.spec)
-        changed = [k for k in RESUME_KEYS if meta["resume"].get(k) != now[k]]
-        if changed:
-            saved = meta["resume"]
-            differences = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise SpecError(
-                f"{self.source}: cannot resume {latest}: {', '.join(changed)} changed since the checkpoint "
-                f"({differences}). Use another name or output_dir for a new run."
-            )
+        conflict = resume_conflict(meta["resume"], self.spec)
+        if conflict:
+            raise SpecError(f"{self.source}: cannot resume {latest}: {conflict}. Use another name or output_dir for a new run.")
         options = StateDictOptions(full_state_dict=True)
         model = self.task.model
         set_model_state_dict(model, shared["model"], options=options)
@@ -266,7 +274,8 @@ class Trainer:
             last_eval = self._loop(view)
         finally:
             view.close()
-        return {"step": self.progress.step, "eval": last_eval, "main": self.accelerator.is_main_process}
+        return {"step": self.progress.step, "total_steps": self.total_steps, "eval": last_eval,
+                "stopped": self.stopped, "main": self.accelerator.is_main_process}
 
     def _loop(self, view: LiveView) -> dict | None:
         from launcher.tasks import StepContext
@@ -278,7 +287,7 @@ class Trainer:
         paused = 0.0  # seconds of checkpointing and evaluation inside the current window
         last_checkpoint = time.monotonic()
         last_eval: dict | None = None
-        while self.progress.step < self.total_steps:
+        while self.progress.step < self.total_steps and not self.stopped:
             epoch = self.train_loader.epoch
             batches = iter(self.train_loader)
             while self.progress.step < self.total_steps:
@@ -318,10 +327,15 @@ class Trainer:
                     running, window_start, wait, window_samples, paused = {}, time.perf_counter(), 0.0, 0, 0.0
                     # Time and signals differ across ranks: rank 0 decides, at log steps (already a sync point).
                     overdue = bool(spec.checkpoint.every_minutes) and time.monotonic() - last_checkpoint > 60 * spec.checkpoint.every_minutes
-                    if self._agree(overdue or self.checkpoint_requested):
+                    save, stop = self._agree(overdue or self.checkpoint_requested, self.stop_requested)
+                    if save or stop:
                         self.save()
                         self.checkpoint_requested = False
                         last_checkpoint = time.monotonic()
+                    if stop:
+                        self.stopped = True
+                        log.info("stopping at step %d after the checkpoint, as requested", step)
+                        break
                 else:
                     view.update(step)
                 pause_start = time.perf_counter()
@@ -331,6 +345,9 @@ class Trainer:
                 if self.eval_loader is not None and spec.train.eval_every and step % spec.train.eval_every == 0 and step < self.total_steps:
                     last_eval = self.evaluate()
                 paused += time.perf_counter() - pause_start
+        if self.stopped:
+            self.train_loader.close()
+            return last_eval
         if self.checkpointer.latest() is None or self.checkpointer.steps()[-1] != self.progress.step:
             self.save()
         if self.eval_loader is not None:
@@ -339,12 +356,12 @@ class Trainer:
         self.train_loader.close()
         return last_eval
 
-    def _agree(self, decision: bool) -> bool:
-        """Rank 0's decision, on every rank (time-based triggers must not diverge across ranks)."""
-        flag = torch.tensor([1.0 if decision else 0.0], device=self.accelerator.device)
+    def _agree(self, *decisions: bool) -> list[bool]:
+        """Rank 0's decisions, on every rank (time and signals differ across ranks; the ranks must not)."""
+        flags = torch.tensor([1.0 if d else 0.0 for d in decisions], device=self.accelerator.device)
         if self.world > 1:
-            torch.distributed.broadcast(flag, src=0)
-        return bool(flag.item())
+            torch.distributed.broadcast(flags, src=0)
+        return [bool(f) for f in flags.tolist()]
 
     def evaluate(self) -> dict:
         result = self.task.evaluate(self.eval_loader, self.accelerator)
@@ -388,13 +405,39 @@ def shortcut(model: str, batch_size: int | None, epochs: int | None, lr: float |
 
 
 def train(spec_path: str, overrides: list[str]) -> dict:
-    spec = load_spec(spec_path, overrides)
-    check_environment(spec, spec_path)
-    trainer = Trainer(spec, spec_path)
+    """`segjobs train SPEC`: run a spec in this process (one rank of several under torchrun)."""
+    return run_spec(load_spec(spec_path, overrides), spec_path)
+
+
+def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str = "foreground", restart_count: int = 0,
+             on_trainer: Callable[[Trainer], None] | None = None) -> dict:
+    """Build the trainer and run it, keeping run.json and the run index up to date (rank 0).
+    `on_trainer` sees the trainer before the loop starts (the SLURM job attaches its signal handler)."""
+    from launcher import runs
+
+    check_environment(spec, source)
+    trainer = Trainer(spec, source)
+    main = trainer.accelerator.is_main_process
+    if main:
+        runs.register(trainer.run_dir)
+        start = {"job_id": job_id, "time": time.time(), "restart_count": restart_count, "world_size": trainer.world,
+                 "host": socket.gethostname(), "pid": os.getpid()}
+        runs.append(trainer.run_dir, "starts", start, state="RUNNING", error=None, name=spec.name, model=spec.model.name,
+                    cluster=cluster, total_steps=trainer.total_steps,
+                    global_batch=spec.data.batch_size * spec.train.grad_accum * trainer.world)
+    if on_trainer is not None:
+        on_trainer(trainer)
     try:
         result = trainer.run()
+    except (Exception, KeyboardInterrupt) as exc:
+        if main:
+            runs.set_fields(trainer.run_dir, state="CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                            error=f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         trainer.train_loader.close()
+    if main and not result["stopped"]:
+        runs.set_fields(trainer.run_dir, state="COMPLETED")
     # Only after a clean run: a rank that failed must not wait in a barrier that another rank, stuck in a
     # collective, never reaches. Destroying the group before exit keeps gloo's threads from aborting.
     if trainer.accelerator.num_processes > 1 and torch.distributed.is_initialized():

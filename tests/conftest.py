@@ -42,3 +42,11 @@ def synth_copy(synth_root, tmp_path) -> Path:
     root = tmp_path / "ADEChallengeData2016"
     shutil.copytree(synth_root, root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def segjobs_home(tmp_path, monkeypatch) -> Path:
+    """The run index of each test in its own folder, not the user's ~/.segjobs."""
+    home = tmp_path / "segjobs-home"
+    monkeypatch.setenv("SEGJOBS_HOME", str(home))
+    return home

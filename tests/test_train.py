@@ -17,19 +17,9 @@ import yaml
 from launcher.checkpoint import Checkpointer
 from launcher.cli import main as segjobs
 from launcher.evaluate import SegmentationMetric
+from tests.jobspecs import TINY, losses, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "segmenter": {"model": {"name": "segmenter_t16_linear", "options": {"img_size": 32}},
-                  "data": {"crop_size": 32, "scale": [128, 32]}},
-    "wnet": {"model": {"name": "wnet_tiny", "options": {"base_channels": 8, "levels": 3, "num_segments": 4}},
-             "data": {"image_size": 32}},
-    "dino": {"model": {"name": "dino_vits16", "options": {"out_dim": 64, "img_size": 32}},
-             "data": {"global_crop_size": 32, "local_crop_size": 16, "local_crops": 2},
-             "optim": {"weight_decay": 0.04, "weight_decay_end": 0.4}, "train": {"clip_grad": 3.0}},
-}
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """CPU kernels reduce in an order that depends on the thread count: every run here uses one thread, like
@@ -38,28 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def write_spec(tmp_path: Path, shard_root: Path, family: str, name: str = "run", **sections) -> Path:
-    spec = {
-        "name": name, "seed": 1, "output_dir": str(tmp_path / name),
-        "data": {"train": str(shard_root / "training"), "val": str(shard_root / "validation"), "batch_size": 4,
-                 "num_workers": 0},
-        "optim": {"kind": "adamw", "lr": 0.001},
-        "schedule": {"kind": "cosine", "warmup_steps": 2},
-        "train": {"max_steps": 8, "precision": "no", "log_every": 1},
-        "checkpoint": {"every_steps": 3, "keep": 5},
-    }
-    for section, values in [*TINY[family].items(), *sections.items()]:
-        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

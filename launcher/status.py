@@ -1,0 +1,262 @@
+"""Views over runs: `segjobs status` (a rich table, --watch, --json) and `segjobs logs`.
+
+    segjobs status                      # active runs and those active in the last 7 days
+    segjobs status --all --runs /scratch/me/runs
+    segjobs status dino_vits8 --watch   # refresh until every shown run has finished
+    segjobs logs dino_vits8 --follow --rank 1
+
+One refresh reads each run's run.json, the tail of metrics.jsonl and its checkpoint folder names, and asks
+SLURM once for all jobs together (one sacct call). A run whose job has left sacct's window shows the last
+state recorded in run.json (status writes SLURM's final state there when it sees it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from launcher import runs
+
+RECENT_S = 7 * 86400
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                "DEADLINE", "STOPPED"}
+
+
+@dataclass
+class Row:
+    name: str
+    run_dir: str
+    model: str = ""
+    job_id: str = ""
+    cluster: str = ""
+    state: str = "UNKNOWN"
+    reason: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    elapsed_s: float | None = None
+    limit_s: float | None = None
+    step: int = 0
+    total_steps: int | None = None
+    epoch: int | None = None
+    loss: float | None = None
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+    requeues: int = 0
+    checkpoint_age_s: float | None = None
+    error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in runs.ACTIVE_STATES
+
+
+def last_training_record(path: Path, tail_bytes: int = 16384) -> dict | None:
+    """The last metrics.jsonl line with a loss (evaluation lines have none), reading only the file's tail."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - tail_bytes, 0))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the first, cut line of the tail, or a line being written
+            continue
+        if "loss" in record:
+            return record
+    return None
+
+
+def newest_checkpoint_time(run_dir: Path) -> float | None:
+    try:
+        names = [n for n in os.listdir(run_dir / "checkpoints") if n.startswith("step_")]
+    except FileNotFoundError:
+        return None
+    return (run_dir / "checkpoints" / max(names)).stat().st_mtime if names else None
+
+
+def process_alive(start: dict) -> bool:
+    """A foreground run (segjobs train) is alive while its process is, when seen from its own host."""
+    if start.get("host") != socket.gethostname() or not start.get("pid"):
+        return True  # cannot tell from here
+    return runs.local_job_alive(str(start["pid"]))
+
+
+def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row:
+    record = runs.read_run(run_dir)
+    row = Row(name=record.get("name", run_dir.name), run_dir=str(run_dir), model=record.get("model", ""),
+              state=record.get("state", "UNKNOWN"), nodes=record.get("nodes", 1), gpus_per_node=record.get("gpus_per_node", 0),
+              total_steps=record.get("total_steps"), requeues=len(record.get("requeues", [])), error=record.get("error"),
+              cluster=record.get("cluster", ""))
+    job = runs.latest_job(record)
+    start = record["starts"][-1] if record.get("starts") else None
+    if job is not None:
+        row.job_id, row.cluster = job["job_id"], job["cluster"]
+    if job is not None and job["cluster"] == "slurm" and job["job_id"] in slurm:
+        seen = slurm[job["job_id"]]
+        row.elapsed_s, row.limit_s, row.nodes = seen.elapsed_s, seen.limit_s, seen.nodes or row.nodes
+        waiting_after_requeue = seen.state == "PENDING" and row.state == "REQUEUED"
+        row.state = "REQUEUED" if waiting_after_requeue else seen.state
+        row.reason = seen.reason if seen.state == "PENDING" else ""
+        if seen.state in FINAL_STATES and record.get("state") != seen.state:
+            runs.set_fields(run_dir, state=seen.state)  # the last known state, once sacct forgets the job
+    elif row.active:  # a local or foreground run: its process tells whether it is still going
+        if job is not None:
+            lost = not runs.local_job_alive(job["job_id"])
+            row.limit_s = 60 * record["timeout_min"] if record.get("timeout_min") else None
+        else:
+            lost = start is not None and not process_alive(start)
+        if lost:
+            row.state = "STOPPED"
+        elif start is not None:
+            row.elapsed_s = now - start["time"]
+    metrics = last_training_record(run_dir / "metrics.jsonl")
+    if metrics is not None:
+        row.step, row.epoch, row.loss, row.samples_per_s = metrics["step"], metrics.get("epoch"), metrics["loss"], metrics.get("samples_per_s")
+        if row.active and row.total_steps and row.samples_per_s and record.get("global_batch"):
+            row.eta_s = (row.total_steps - row.step) * record["global_batch"] / row.samples_per_s
+    saved = newest_checkpoint_time(run_dir)
+    row.checkpoint_age_s = now - saved if saved is not None else None
+    return row
+
+
+def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool = False, poll: bool = True) -> list[Row]:
+    run_dirs = runs.find_runs(list(names), list(extra_dirs))
+    records = {d: runs.read_run(d) for d in run_dirs}
+    slurm_jobs = [r["submissions"][-1]["job_id"] for r in records.values()
+                  if r.get("submissions") and r["submissions"][-1]["cluster"] == "slurm"]
+    slurm = runs.poll_slurm(slurm_jobs) if poll else {}
+    now = time.time()
+    rows = [build_row(d, slurm, now) for d in run_dirs]
+    if not names and not show_all:
+        rows = [r for r in rows if r.active or now - _modified(Path(r.run_dir)) < RECENT_S]
+    return rows
+
+
+def _modified(run_dir: Path) -> float:
+    times = [p.stat().st_mtime for p in (run_dir / "run.json", run_dir / "metrics.jsonl") if p.exists()]
+    return max(times, default=0.0)
+
+
+# ---- rendering --------------------------------------------------------------------------------------------
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    return f"{days}-{clock}" if days else clock
+
+
+STATE_STYLE = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "SUBMITTED": "yellow",
+               "REQUEUED": "cyan", "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "red"}
+
+
+def progress_text(row: Row, width: int = 16):
+    from rich.text import Text
+
+    total = row.total_steps or max(row.step, 1)
+    filled = round(width * min(row.step, total) / total)
+    text = Text("━" * filled, style="green" if row.state == "COMPLETED" else "magenta")
+    text.append("━" * (width - filled), style="grey35")
+    text.append(f" {row.step}/{row.total_steps or '?'}")
+    if row.epoch is not None:
+        text.append(f" ep {row.epoch}", style="dim")
+    return text
+
+
+def table(rows: list[Row]):
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table(title=f"segjobs runs ({len(rows)})", title_justify="left", header_style="bold", pad_edge=False)
+    for column, justify in [("run", "left"), ("model", "left"), ("job", "right"), ("state", "left"), ("nodes×gpus", "right"),
+                            ("elapsed / limit", "right"), ("progress", "left"), ("loss", "right"), ("img/s", "right"),
+                            ("ETA", "right"), ("requeues", "right"), ("ckpt age", "right")]:
+        grid.add_column(column, justify=justify, no_wrap=column != "state")
+    for row in rows:
+        state = Text(row.state, style=STATE_STYLE.get(row.state, ""))
+        if row.reason:
+            state.append(f" ({row.reason})", style="dim")
+        if row.error and row.state in ("FAILED", "TIMEOUT"):
+            state.append(f"\n{row.error[:80]}", style="dim red")
+        progress = progress_text(row)
+        grid.add_row(row.name, row.model, row.job_id or "-", state, f"{row.nodes}×{row.gpus_per_node}",
+                     f"{duration(row.elapsed_s)} / {duration(row.limit_s)}", progress,
+                     f"{row.loss:.4f}" if row.loss is not None else "-",
+                     f"{row.samples_per_s:.1f}" if row.samples_per_s is not None else "-",
+                     duration(row.eta_s), str(row.requeues), duration(row.checkpoint_age_s))
+    return grid
+
+
+def show(names: list[str], extra_dirs: list[Path], show_all: bool, watch: bool, as_json: bool, interval: float = 5.0) -> int:
+    if as_json:
+        rows = collect(names, extra_dirs, show_all)
+        print(json.dumps([{**asdict(r), "active": r.active} for r in rows], indent=1))
+        return 0
+    from rich.console import Console
+
+    # Not a terminal (a pipe, a log file): wide enough for every column instead of rich's default 80.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    if not watch:
+        console.print(table(collect(names, extra_dirs, show_all)))
+        return 0
+    from rich.live import Live
+
+    rows = collect(names, extra_dirs, show_all)
+    with Live(table(rows), console=console, refresh_per_second=1) as live:
+        while any(r.active for r in rows):
+            time.sleep(interval)
+            rows = collect(names, extra_dirs, show_all)
+            live.update(table(rows))
+    return 0
+
+
+# ---- logs -------------------------------------------------------------------------------------------------
+def log_files(run_dir: Path, rank: int) -> list[Path]:
+    """submitit's files for the latest job of a run: <log_folder>/<job id>_<rank>_log.{out,err}."""
+    record = runs.read_run(run_dir)
+    job = runs.latest_job(record)
+    if job is None:
+        raise runs.RunError(f"{run_dir}: no submitted job (a run trained in the foreground logs to its terminal).")
+    tasks = record.get("tasks", 1)
+    if not 0 <= rank < tasks:
+        raise runs.RunError(f"--rank {rank}: run {record.get('name')} has ranks 0..{tasks - 1}.")
+    folder = Path(job["log_folder"])
+    return [folder / f"{job['job_id']}_{rank}_log.{kind}" for kind in ("out", "err")]
+
+
+def logs(name: str, follow: bool, rank: int) -> int:
+    run_dir = runs.resolve_run(name)
+    out, err = log_files(run_dir, rank)
+    if not out.exists():
+        print(f"segjobs: {out} does not exist yet (the job has not started)", file=sys.stderr)
+        if not follow:
+            return 1
+    offset = 0
+    while True:
+        if out.exists():
+            with open(out, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not follow:
+            break
+        if runs.read_run(run_dir).get("state") not in runs.ACTIVE_STATES and out.exists() and offset == out.stat().st_size:
+            break
+        time.sleep(1.0)
+    if err.exists() and err.stat().st_size:
+        print(f"--- {err} ---")
+        print(err.read_text(errors="replace"), end="")
+    return 0
