@@ -122,7 +122,7 @@ def resolve_run(name: str, candidates: list[Path] | None = None) -> Path:
     if (path / "run.json").exists() or (path / "checkpoints").is_dir():
         return path.resolve()
     candidates = indexed_runs() if candidates is None else candidates
-    matches = [p for p in candidates if p.name == name]
+    matches = [p for p in candidates if p.name == name or read_run(p).get("name") == name]
     if not matches:
         raise RunError(f"no run named {name!r}: not a run directory and not in {home() / 'index.json'} "
                        "(see `segjobs status --all`).")
@@ -176,28 +176,41 @@ def parse_sacct(text: str) -> dict[str, JobState]:
 
 
 def poll_slurm(job_ids: list[str]) -> dict[str, JobState]:
-    """The state of every job in one sacct call ({} when SLURM is not reachable: states come from run.json)."""
+    """The state of every job: one sacct call for all of them, then one squeue call for those sacct does not
+    show as finished (slurmdbd learns of state changes late: a requeued job can read REQUEUED there while
+    the controller already holds it PENDING for BeginTime). {} when SLURM is not reachable."""
     if not job_ids:
         return {}
-    command = ["sacct", "-X", "-n", "-P", "--format=JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes",
-               "-j", ",".join(sorted(set(job_ids)))]
+    ids = sorted(set(job_ids))
+    states = parse_sacct(_slurm_output(["sacct", "-X", "-n", "-P", "--format=JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes",
+                                        "-j", ",".join(ids)]))
+    unfinished = [i for i in ids if i not in states or states[i].state in ACTIVE_STATES]
+    if unfinished:
+        for line in _slurm_output(["squeue", "-h", "-j", ",".join(unfinished), "-o", "%i|%T|%r"]).splitlines():
+            job_id, state, reason = (line.split("|") + ["", ""])[:3]
+            live = states.setdefault(job_id, JobState(state))
+            live.state, live.reason = state, "" if reason == "None" else reason
+    return states
+
+
+def _slurm_output(command: list[str]) -> str:
+    """stdout of a SLURM query, "" when it fails (no SLURM here, or every job id unknown to squeue)."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=POLL_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return parse_sacct(done.stdout) if done.returncode == 0 else {}
+        return ""
+    return done.stdout if done.returncode == 0 else ""
 
 
 def local_job_alive(job_id: str) -> bool:
-    """A job of submitit's local executor: its id is the pid of the controller process."""
+    """A job of submitit's local executor: its id is the pid of the controller process (a zombie is dead)."""
     try:
         os.kill(int(job_id), 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
         return True
-    return True
-
-
-def now() -> float:
-    return time.time()
+    try:
+        return Path(f"/proc/{job_id}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): signal 0 answered
+        return True

@@ -228,6 +228,7 @@ def refusal_hint(message: str) -> str:
     hints = [("partition", "resources.partition (`sinfo` lists the partitions)"),
              ("account", "resources.account (`sacctmgr show assoc user=$USER` lists yours)"),
              ("qos", "resources.qos"),
+             ("node count", "resources.nodes (`sinfo` shows the nodes of each partition)"),
              ("time limit", "resources.timeout_min (`sinfo -o '%P %l'` shows each partition's limit)"),
              ("gres", "resources.gpus_per_node (`sinfo -o '%P %G'` shows the GPUs per node)"),
              ("node configuration", "resources (nodes, gpus_per_node, tasks_per_node, cpus_per_task, mem_gb, constraint): "
@@ -402,9 +403,10 @@ class TrainingJob:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-        if os.environ.get("SLURM_CPUS_PER_TASK"):
+        if os.environ.get("SLURM_CPUS_PER_TASK"):  # torch would use every core of the node
             import torch
 
+            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         spec = parse_spec(yaml.safe_load(self.spec_yaml), self.source)
         main = env.global_rank == 0
