@@ -40,7 +40,9 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import submitit
 import yaml
+from submitit.slurm.slurm import _make_sbatch_string
 
 from launcher import runs
 from launcher.spec import JobSpec, SpecError, apply_override, check_environment, parse_spec, read_spec_file
@@ -83,8 +85,6 @@ def slurm_parameters(spec: JobSpec) -> dict:
 def sbatch_script(spec: JobSpec, folder: Path, python: str = sys.executable, array_size: int | None = None) -> str:
     """The sbatch script submitit writes for this spec: every value is shell-quoted on its #SBATCH line.
     resources.setup lines are the user's own shell, copied as they are."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **slurm_parameters(spec))
 
@@ -204,8 +204,6 @@ def check_resumable(spec: JobSpec, source: str) -> None:
 
 
 def make_executor(cluster: str, folder: Path, spec: JobSpec):
-    import submitit
-
     resources = spec.resources
     if cluster == "slurm":
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues)
@@ -383,19 +381,24 @@ class RequeueSignal:
             trainer.request_checkpoint(stop=self.requeue_allowed)
 
 
-class TrainingJob:
+class TrainingJob(submitit.helpers.Checkpointable):
     """What every task of a submitted job runs: the distributed environment from SLURM, then the trainer.
-    Submitit pickles it once; a requeued job runs the same pickle again and the trainer resumes."""
+    Submitit pickles it once; a requeued job runs the same pickle again and the trainer resumes.
+
+    Note: SLURM may send SIGUSR2 up to a minute early, even while the job is still importing torch. The
+    handler is installed first thing; before that (while submitit unpickles the job) submitit's own handler
+    calls `checkpoint()`, inherited from Checkpointable: it requeues the job unchanged, and the next start
+    resumes from the latest checkpoint."""
 
     def __init__(self, spec_yaml: str, source: str):
         self.spec_yaml, self.source = spec_yaml, source
 
     def __call__(self) -> dict:
-        import submitit
-
-        from launcher import train
-
         env = submitit.JobEnvironment()
+        spec = parse_spec(yaml.safe_load(self.spec_yaml), self.source)
+        main = env.global_rank == 0
+        timeouts = sum(1 for r in runs.read_run(spec.run_dir).get("requeues", []) if r["reason"] == "timeout")
+        requeue = RequeueSignal(spec, timeouts)
         os.environ.update(distributed_environment(env))
         handler = logging.StreamHandler(sys.stdout)  # submitit logs to its own handler: no root handler here
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
@@ -404,15 +407,12 @@ class TrainingJob:
         logger.setLevel(logging.INFO)
         logger.propagate = False
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # torch would use every core of the node
+            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
             import torch
 
-            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-        spec = parse_spec(yaml.safe_load(self.spec_yaml), self.source)
-        main = env.global_rank == 0
-        record = runs.read_run(spec.run_dir)
-        timeouts = sum(1 for r in record.get("requeues", []) if r["reason"] == "timeout")
-        requeue = RequeueSignal(spec, timeouts)
+        from launcher import train
+
         try:
             result = train.run_spec(spec, self.source, job_id=env.job_id, cluster=env.cluster,
                                     restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), on_trainer=requeue.attach)
