@@ -113,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--cluster", choices=["auto", "slurm", "local"], default=None,
                         help="default: where its last job ran")
 
+    evaluation = commands.add_parser("eval", help="evaluate a run's latest checkpoint (or a checkpoint folder) on a shard split")
+    evaluation.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run name or folder, or a checkpoints/step_NNNNNNNN folder")
+    evaluation.add_argument("--split", default="validation", help="shard split beside the spec's data.val (default validation)")
+    evaluation.add_argument("--mode", choices=["whole", "slide"], default="whole",
+                            help="whole images, or overlapping windows of the training crop (Segmenter)")
+    evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluation.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a field of the checkpoint's spec, e.g. data.val=FOLDER")
+
+    pictures = commands.add_parser("visualize", help="pictures of a trained model (PNG grids, attention GIF, curves)")
+    pictures.add_argument("targets", nargs="+", metavar="TARGET",
+                          help="run name or folder, checkpoint folder, or an official DINO backbone file")
+    pictures.add_argument("--curves", action="store_true", help="loss and mIoU curves of the named runs in one PNG")
+    pictures.add_argument("--frames", type=Path, help="a folder of frames: DINO attention as an animated GIF")
+    pictures.add_argument("--samples", type=int, default=4, help="validation images in a grid (default 4)")
+    pictures.add_argument("--model", default="dino_vits8", help="architecture of a backbone file (default dino_vits8)")
+    pictures.add_argument("--out", type=Path, help="folder for the pictures (default runs/<name>/pictures)")
+    pictures.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a field of the checkpoint's spec, e.g. data.val=FOLDER")
+
     listing = commands.add_parser("models", help="list every model variant with its parameter count")
     listing.add_argument("--json", action="store_true", help="a JSON list of {name, family, params, ...}")
 
@@ -199,6 +219,14 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "logs":
             return status.logs(args.run, args.follow, args.rank)
         return status.show(args.runs, args.run_dirs, args.all, args.watch, args.json, args.interval)
+    if args.command == "eval":
+        from launcher import report
+
+        return report.main(args.target, args.split, args.mode, args.json, args.overrides)
+    if args.command == "visualize":
+        from launcher import visualize
+
+        return visualize.main(args.targets, args.curves, args.frames, args.samples, args.model, args.out, args.overrides)
     if args.command == "models":
         from launcher import catalog
 

@@ -229,7 +229,8 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "progress": vars(self.progress).copy(),
         }
-        meta = {"resume": resume_fingerprint(self.spec), "time": time.time()}
+        # The spec travels with the checkpoint: `segjobs eval` and `visualize` rebuild the model from it alone.
+        meta = {"resume": resume_fingerprint(self.spec), "time": time.time(), "spec": self.spec.model_dump(mode="json")}
         path = self.checkpointer.save(self.progress.step, shared if self.rank == 0 else None, meta)
         log.info("checkpoint %s", path)
         return path

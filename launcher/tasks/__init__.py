@@ -33,6 +33,8 @@ class Task:
     eval_sharded = True  # False: every rank evaluates the whole split (DINO's k-means needs all features)
     supports_grad_accum = True  # False when one batch already takes several optimizer steps (W-Net)
     channels_last = False  # convolutional networks: NHWC memory format
+    supervised = True  # False: evaluation matches predicted clusters to classes (Hungarian)
+    eval_modes = ("whole",)  # Segmenter adds "slide" (overlapping windows of the training crop)
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
         import models
@@ -40,6 +42,7 @@ class Task:
         self.spec = spec
         self.model: nn.Module = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.eval_mode = "whole"
 
     @staticmethod
     def train_pipeline(spec): ...

@@ -22,6 +22,7 @@ MAX_KMEANS_FEATURES = 100_000
 
 
 class DinoTask(Task):
+    supervised = False
     eval_sharded = False  # k-means must see the whole split: every rank evaluates all of it, identically
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 from launcher.evaluate import IGNORE_INDEX, SegmentationMetric
 from launcher.tasks import StepContext, Task, normalize, to_device
+from models.segmenter import sliding_window_logits
 from shards.transforms import SegmenterEval, SegmenterTrain
 
 
 class SegmenterTask(Task):
+    eval_modes = ("whole", "slide")
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
         super().__init__(spec, accelerator, steps_per_epoch, total_steps)
         self.num_classes = self.model.config.num_classes
@@ -40,7 +42,8 @@ class SegmenterTask(Task):
 
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:
-        """mIoU at the label's resolution: logits of the resized image, upsampled bilinearly."""
+        """mIoU at the label's resolution: logits of the resized image (whole, or slide: windows of the training
+        crop with mmseg's 2/3 stride, softmax averaged), upsampled bilinearly."""
         self.model.eval()
         metric = SegmentationMetric(self.num_classes)
         for batch in loader:
@@ -48,7 +51,12 @@ class SegmenterTask(Task):
             labels = batch["label"] if isinstance(batch["label"], list) else list(batch["label"])
             for image, label in zip(images, labels):
                 with accelerator.autocast():
-                    logits = self.model(normalize(to_device(image[None], accelerator.device)))
+                    pixels = normalize(to_device(image[None], accelerator.device))
+                    if self.eval_mode == "slide":
+                        crop = self.spec.data.crop_size
+                        logits = sliding_window_logits(self.model, pixels, window=crop, stride=max(crop * 2 // 3, 1))
+                    else:
+                        logits = self.model(pixels)
                 logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear")
                 metric.update(logits.argmax(1)[0].cpu(), label)
         if loader.stream.world_size > 1:  # each rank saw its share of the split

@@ -13,6 +13,7 @@ from shards.transforms import WNetCrop
 
 
 class WNetTask(Task):
+    supervised = False
     ddp_find_unused_parameters = True  # the N-cut step's forward uses U-Enc only
     supports_grad_accum = False  # two optimizer steps per batch
     channels_last = True  # faster convolutions on GPUs

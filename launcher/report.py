@@ -1,0 +1,103 @@
+"""`segjobs eval`: a trained model's numbers on a shard split, as a rich table and eval/step_NNNNNNNN.json.
+
+    segjobs eval demo_segmenter                              # the run's latest checkpoint, validation split
+    segjobs eval runs/demo_segmenter/checkpoints/step_00000300 --mode slide --json
+    segjobs eval /copied/step_00000300 --set data.val=data/shards/ade20k/validation
+
+W-Net and DINO report unsupervised mIoU: their clusters (W-Net's K segments; k-means with 20 centres on DINO's
+teacher patch features) are matched one-to-one to classes by the Hungarian method first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from launcher.spec import SpecError
+from shards.ade20k import CLASSES
+
+SHOWN_CLASSES = 10
+
+
+def split_folder(spec, split: str) -> Path:
+    """Shards of `split` beside the spec's validation (or training) shards: <out>/<split>/."""
+    anchor = spec.data.val or spec.data.train
+    folder = anchor if anchor.name == split else anchor.parent / split
+    if not (folder / "manifest.json").is_file():
+        raise SpecError(f"--split {split}: {folder} holds no shards (manifest.json); pass --set data.val=FOLDER.")
+    return folder
+
+
+def evaluate(target: str, split: str = "validation", mode: str = "whole", overrides: list[str] = ()) -> dict:
+    """Evaluate a run's latest checkpoint (or a checkpoint folder) and write eval/step_NNNNNNNN.json beside it."""
+    from launcher.restore import restore
+    from shards.loader import build_loader
+
+    spec, task, accelerator, checkpoint = restore(target, overrides)
+    if mode not in task.eval_modes:
+        raise SpecError(f"--mode {mode}: {spec.model.name} evaluates in {' or '.join(task.eval_modes)} mode only.")
+    task.eval_mode = mode
+    folder = split_folder(spec, split)
+    loader = build_loader(folder, task.eval_pipeline(spec), batch_size=spec.data.eval_batch_size, rank=0, world_size=1,
+                          train=False, seed=spec.seed, num_workers=spec.data.num_workers)
+    start = time.perf_counter()
+    try:
+        result = task.evaluate(loader, accelerator)
+    finally:
+        loader.close()
+    step = int(checkpoint.name.removeprefix("step_"))
+    report = {"checkpoint": str(checkpoint), "model": spec.model.name, "step": step, "split": split, "mode": mode,
+              "samples": loader.stream.num_samples, "seconds": round(time.perf_counter() - start, 2),
+              "unsupervised": not task.supervised, **result}
+    report["iou"] = [None if math.isnan(v) else v for v in report["iou"]]  # JSON has no NaN: absent classes are null
+    # The trainer's final evaluation (validation, whole) has the same name: the same numbers, more fields.
+    suffix = "" if (split, mode) == ("validation", "whole") else f"_{split}_{mode}"
+    out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}{suffix}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    report["path"] = str(out)
+    return report
+
+
+def ranked_classes(iou: list[float | None]) -> list[tuple[str, float]]:
+    """(class name, IoU) of the classes present in the split, best first."""
+    present = [(CLASSES[i] if i < len(CLASSES) else str(i), v) for i, v in enumerate(iou) if v is not None]
+    return sorted(present, key=lambda item: -item[1])
+
+
+def show(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    kind = "unsupervised mIoU (Hungarian)" if report["unsupervised"] else "mIoU"
+    summary = Table(show_header=False)
+    summary.add_row(kind, f"{report['miou']:.4f}")
+    summary.add_row("pixel accuracy", f"{report['pixel_acc']:.4f}")
+    ranked = ranked_classes(report["iou"])
+    classes = Table(title=f"classes by IoU ({len(ranked)} present)", title_justify="left")
+    classes.add_column("best", style="green")
+    classes.add_column("IoU", justify="right")
+    classes.add_column("worst", style="red")
+    classes.add_column("IoU", justify="right")
+    best, worst = ranked[:SHOWN_CLASSES], ranked[::-1][:SHOWN_CLASSES]
+    for index in range(max(len(best), len(worst))):
+        left = best[index] if index < len(best) else ("", math.nan)
+        right = worst[index] if index < len(worst) else ("", math.nan)
+        classes.add_row(left[0], f"{left[1]:.4f}" if left[0] else "", right[0], f"{right[1]:.4f}" if right[0] else "")
+    console = Console()
+    console.print(f"[bold]{report['model']}[/] step {report['step']} on {report['split']} "
+                  f"({report['samples']} images, {report['mode']}): {report['checkpoint']}")
+    console.print(summary)
+    console.print(classes)
+    console.print(f"written {report['path']}")
+
+
+def main(target: str, split: str, mode: str, as_json: bool, overrides: list[str]) -> int:
+    report = evaluate(target, split, mode, overrides)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        show(report)
+    return 0
