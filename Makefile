@@ -28,13 +28,9 @@ test: install
 	if [ -n "$$started" ]; then tools/minicluster down; fi; \
 	exit $$status
 
-demo: install $(DEMO)/ADEChallengeData2016/objectInfo150.txt
-	$(BIN)/segjobs shard ade20k $(DEMO)/ADEChallengeData2016 $(DEMO)/shards --samples-per-shard 100 --workers 2
-	$(BIN)/segjobs shard verify $(DEMO)/shards
-	$(BIN)/segjobs train jobs/demo_segmenter.yaml
-
-$(DEMO)/ADEChallengeData2016/objectInfo150.txt: | $(STAMP)
-	$(BIN)/segjobs synth ade20k $(DEMO)/ADEChallengeData2016 --train 400 --val 100 --size 256x320 --seed 0
+# Synthetic ADE20K -> shards -> the three demo jobs via `segjobs submit --cluster auto` -> eval -> pictures.
+demo: install
+	$(BIN)/segjobs demo --root $(DEMO)
 
 clean:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) runs/demo_segmenter runs/demo_wnet runs/demo_dino

@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     pictures.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a field of the checkpoint's spec, e.g. data.val=FOLDER")
 
+    demo = commands.add_parser("demo", help="the main job on this machine: synthetic data, three models, eval, pictures")
+    demo.add_argument("--root", type=Path, default=Path("data/demo"), help="data folder (default data/demo)")
+    demo.add_argument("--train", type=int, default=400, help="synthetic training images (default 400)")
+    demo.add_argument("--val", type=int, default=100, help="synthetic validation images (default 100)")
+    demo.add_argument("--size", type=parse_size, default=(256, 320), help="image size HxW (default 256x320)")
+    demo.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field of all three demo specs")
+
     listing = commands.add_parser("models", help="list every model variant with its parameter count")
     listing.add_argument("--json", action="store_true", help="a JSON list of {name, family, params, ...}")
 
@@ -227,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
         from launcher import visualize
 
         return visualize.main(args.targets, args.curves, args.frames, args.samples, args.model, args.out, args.overrides)
+    if args.command == "demo":
+        from launcher import demo
+
+        return demo.run_demo(args.root, args.train, args.val, args.size, args.cluster, args.overrides)
     if args.command == "models":
         from launcher import catalog
 

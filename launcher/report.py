@@ -32,7 +32,7 @@ def split_folder(spec, split: str) -> Path:
 
 def evaluate(target: str, split: str = "validation", mode: str = "whole", overrides: list[str] = ()) -> dict:
     """Evaluate a run's latest checkpoint (or a checkpoint folder) and write eval/step_NNNNNNNN.json beside it."""
-    from launcher.restore import restore
+    from launcher.restore import output_folder, restore
     from shards.loader import build_loader
 
     spec, task, accelerator, checkpoint = restore(target, overrides)
@@ -48,13 +48,15 @@ def evaluate(target: str, split: str = "validation", mode: str = "whole", overri
     finally:
         loader.close()
     step = int(checkpoint.name.removeprefix("step_"))
-    report = {"checkpoint": str(checkpoint), "model": spec.model.name, "step": step, "split": split, "mode": mode,
+    import models
+
+    report = {"checkpoint": str(checkpoint), "model": spec.model.name, "family": models.entry(spec.model.name).family, "step": step, "split": split, "mode": mode,
               "samples": loader.stream.num_samples, "seconds": round(time.perf_counter() - start, 2),
               "unsupervised": not task.supervised, **result}
     report["iou"] = [None if math.isnan(v) else v for v in report["iou"]]  # JSON has no NaN: absent classes are null
     # The trainer's final evaluation (validation, whole) has the same name: the same numbers, more fields.
     suffix = "" if (split, mode) == ("validation", "whole") else f"_{split}_{mode}"
-    out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}{suffix}.json"
+    out = output_folder(checkpoint) / "eval" / f"{checkpoint.name}{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     report["path"] = str(out)

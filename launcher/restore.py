@@ -31,6 +31,11 @@ def find_checkpoint(target: str) -> Path:
     return steps[-1]
 
 
+def output_folder(checkpoint: Path) -> Path:
+    """Where eval/ and pictures/ of a checkpoint go: its run directory, or beside a loose checkpoint folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def checkpoint_spec(checkpoint: Path, overrides: list[str]) -> JobSpec:
     meta = json.loads((checkpoint / "meta.json").read_text())
     raw = meta.get("spec")

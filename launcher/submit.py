@@ -406,12 +406,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-        if os.environ.get("SLURM_CPUS_PER_TASK"):  # torch would use every core of the node
-            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
-            import torch
+        # torch would use every core of the node, whatever the job was given
+        threads = str(min(int(os.environ.get("SLURM_CPUS_PER_TASK", spec.resources.cpus_per_task)), os.cpu_count() or 1))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        import torch
 
-            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         from launcher import train
+
+        torch.set_num_threads(int(threads))
 
         try:
             result = train.run_spec(spec, self.source, job_id=env.job_id, cluster=env.cluster,

@@ -233,7 +233,7 @@ def backbone_file(path: Path, model: str, device):
 def visualize(targets: list[str], curves: bool = False, frames: Path | None = None, samples: int = 4,
               model: str = "dino_vits8", out: Path | None = None, overrides: list[str] = ()) -> list[Path]:
     from launcher import runs
-    from launcher.restore import restore
+    from launcher.restore import output_folder, restore
 
     written = []
     if curves:
@@ -249,7 +249,7 @@ def visualize(targets: list[str], curves: bool = False, frames: Path | None = No
                 raise SpecError(f"{target}: a backbone file has no validation data; pass --frames DIR.")
         else:
             spec, task, accelerator, checkpoint = restore(target, overrides)
-            device, folder = accelerator.device, out or checkpoint.parent.parent / "pictures"
+            device, folder = accelerator.device, out or output_folder(checkpoint) / "pictures"
             network = getattr(task, "teacher", None)  # DINO: the teacher, as in the paper's figures
             folder.mkdir(parents=True, exist_ok=True)
             chosen = validation_samples(spec, samples)

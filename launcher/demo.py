@@ -1,0 +1,102 @@
+"""`segjobs demo` (what `make demo` runs): the main job end to end on this machine.
+
+    segjobs demo                                   # synthetic ADE20K -> shards -> three jobs -> eval -> pictures
+    segjobs demo --cluster slurm                   # the same through SLURM (e.g. tools/minicluster)
+
+1. writes a synthetic ADE20K under <root>/ADEChallengeData2016 (skipped when present),
+2. shards and verifies it (a rerun reuses unchanged shards),
+3. submits jobs/demo_segmenter.yaml, demo_wnet.yaml and demo_dino.yaml with `segjobs submit --cluster auto`
+   (SLURM when a controller answers, else the local executor), skipping runs already completed or running,
+4. shows the live status table until the three have finished,
+5. evaluates each (`segjobs eval`), draws the pictures (`segjobs visualize`, with the DINO attention GIF
+   over validation frames) and the curves of the three runs, and prints where everything is.
+A rerun resumes what was interrupted and reuses what is done.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from launcher import data_commands, runs, status
+from launcher.submit import choose_cluster, load_points, submit_all
+
+DEMO_SPECS = ("jobs/demo_segmenter.yaml", "jobs/demo_wnet.yaml", "jobs/demo_dino.yaml")
+GIF_FRAMES = 8
+
+
+def prepare_data(root: Path, train: int, val: int, size: tuple[int, int]) -> Path:
+    source = root / "ADEChallengeData2016"
+    if not (source / "objectInfo150.txt").exists():
+        data_commands.synth(source, train, val, size, classes=8, seed=0)
+    shards = root / "shards"
+    data_commands.shard_ade20k(source, shards, None, samples_per_shard=100, max_shard_bytes=1e9, workers=2, strict=True)
+    if data_commands.verify(shards) != 0:
+        raise RuntimeError(f"{shards}: shards failed verification right after sharding")
+    return shards
+
+
+def submit_demo_jobs(specs: list[Path], shards: Path, cluster: str, overrides: list[str]) -> list[Path]:
+    """Submit each demo spec unless its run is completed or already active; returns the run directories."""
+    run_dirs = []
+    data = [f"data.train={shards / 'training'}", f"data.val={shards / 'validation'}"]
+    for spec in specs:
+        (item,), folder = load_points(str(spec), data + list(overrides), [])
+        run_dirs.append(item.spec.run_dir)
+        state = runs.read_run(item.spec.run_dir).get("state")
+        finished = state == "COMPLETED" and (item.spec.run_dir / "checkpoints").is_dir()
+        active = state in runs.ACTIVE_STATES and status.build_row(item.spec.run_dir, runs.poll_slurm(
+            [runs.latest_job(runs.read_run(item.spec.run_dir))["job_id"]]), time.time()).active
+        if finished or active:
+            print(f"{item.spec.name}: {state.lower()}, not submitted again")
+            continue
+        submit_all([item], folder, cluster, str(spec))
+        print(f"{item.spec.name}: job {item.job_id} ({cluster}) -> {item.spec.run_dir}")
+    return run_dirs
+
+
+def demo_frames(root: Path, count: int) -> Path:
+    """The first validation images as the frames of the attention GIF."""
+    frames = root / "frames"
+    if not frames.exists():
+        frames.mkdir()
+        for image in sorted((root / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))[:count]:
+            shutil.copy(image, frames / image.name)
+    return frames
+
+
+def run_demo(root: Path = Path("data/demo"), train: int = 400, val: int = 100, size: tuple[int, int] = (256, 320),
+             cluster: str = "auto", overrides: list[str] = (), interval: float = 5.0) -> int:
+    from launcher import report, visualize
+
+    start = time.time()
+    repo = Path(__file__).resolve().parents[1]
+    shards = prepare_data(root, train, val, size)
+    cluster = choose_cluster(cluster)
+    run_dirs = submit_demo_jobs([repo / s for s in DEMO_SPECS], shards, cluster, list(overrides))
+    status.show([str(d) for d in run_dirs], [], show_all=True, watch=True, as_json=False, interval=interval)
+    rows = [status.build_row(d, runs.poll_slurm([runs.latest_job(runs.read_run(d))["job_id"]]), time.time()) for d in run_dirs]
+    failed = [r for r in rows if r.state != "COMPLETED"]
+    if failed:
+        for row in failed:
+            print(f"{row.name}: {row.state} {row.error or ''} (segjobs logs {row.name})")
+        return 1
+    summary = []
+    frames = demo_frames(root, GIF_FRAMES)
+    for run_dir in run_dirs:
+        result = report.evaluate(str(run_dir))
+        report.show(result)
+        pictures = visualize.visualize([str(run_dir)], frames=frames if result["family"] == "dino" else None)
+        summary.append((result, pictures))
+    curves = visualize.visualize([str(d) for d in run_dirs], curves=True)
+    print()
+    print(f"segjobs demo finished in {(time.time() - start) / 60:.1f} min ({cluster}); data in {root}")
+    for result, pictures in summary:
+        kind = "unsupervised mIoU" if result["unsupervised"] else "mIoU"
+        print(f"  {result['model']:<22} {kind} {result['miou']:.3f}  pixel accuracy {result['pixel_acc']:.3f}  "
+              f"run {Path(result['checkpoint']).parent.parent}")
+        for picture in pictures:
+            print(f"      {picture}")
+    print(f"  curves: {curves[0]}")
+    return 0
