@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import subprocess
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path

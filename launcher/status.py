@@ -127,6 +127,13 @@ def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row
     return row
 
 
+def refresh_row(run_dir: Path) -> Row:
+    """One run's row, asking SLURM about its latest job when it has one there."""
+    job = runs.latest_job(runs.read_run(run_dir))
+    slurm = runs.poll_slurm([job["job_id"]]) if job is not None and job["cluster"] == "slurm" else {}
+    return build_row(run_dir, slurm, time.time())
+
+
 def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool = False, poll: bool = True) -> list[Row]:
     run_dirs = runs.find_runs(list(names), list(extra_dirs))
     records = {d: runs.read_run(d) for d in run_dirs}

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import io
 import itertools
+import json
 import logging
 import os
 import re
@@ -196,8 +197,6 @@ def check_resumable(spec: JobSpec, source: str) -> None:
 
     steps = sorted((spec.run_dir / "checkpoints").glob("step_*/meta.json"))
     if steps:
-        import json
-
         conflict = resume_conflict(json.loads(steps[-1].read_text())["resume"], spec)
         if conflict:
             raise SpecError(f"{source}: cannot resume {steps[-1].parent}: {conflict}. Use another name or output_dir for a new run.")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from launcher.cli import build_parser
 from tests.jobspecs import write_spec

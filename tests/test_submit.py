@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launcher import runs, status
 from launcher.cli import main as segjobs

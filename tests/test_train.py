@@ -17,7 +17,7 @@ import yaml
 from launcher.checkpoint import Checkpointer
 from launcher.cli import main as segjobs
 from launcher.evaluate import SegmentationMetric
-from tests.jobspecs import TINY, losses, write_spec
+from tests.jobspecs import losses, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
