@@ -107,16 +107,14 @@ def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row
         row.reason = seen.reason if seen.state == "PENDING" else ""
         if seen.state in FINAL_STATES and record.get("state") != seen.state:
             runs.set_fields(run_dir, state=seen.state)  # the last known state, once sacct forgets the job
-    elif row.active:  # a local or foreground run: its process tells whether it is still going
-        if job is not None:
-            lost = not runs.local_job_alive(job["job_id"])
-            row.limit_s = 60 * record["timeout_min"] if record.get("timeout_min") else None
-        else:
-            lost = start is not None and not process_alive(start)
-        if lost:
-            row.state = "STOPPED"
-        elif start is not None:
-            row.elapsed_s = now - start["time"]
+    else:  # a local or foreground run: run.json, and its process tells whether it is still going
+        if job is not None and record.get("timeout_min"):
+            row.limit_s = 60 * record["timeout_min"]
+        if row.active:
+            alive = runs.local_job_alive(job["job_id"]) if job is not None else start is None or process_alive(start)
+            row.state = row.state if alive else "STOPPED"
+        if start is not None and (row.active or record.get("ended", 0) >= start["time"]):
+            row.elapsed_s = (now if row.active else record["ended"]) - start["time"]
     metrics = last_training_record(run_dir / "metrics.jsonl")
     if metrics is not None:
         row.step, row.epoch, row.loss, row.samples_per_s = metrics["step"], metrics.get("epoch"), metrics["loss"], metrics.get("samples_per_s")

@@ -433,12 +433,12 @@ def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str
     except (Exception, KeyboardInterrupt) as exc:
         if main:
             runs.set_fields(trainer.run_dir, state="CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
-                            error=f"{type(exc).__name__}: {exc}")
+                            error=f"{type(exc).__name__}: {exc}", ended=time.time())
         raise
     finally:
         trainer.train_loader.close()
     if main and not result["stopped"]:
-        runs.set_fields(trainer.run_dir, state="COMPLETED")
+        runs.set_fields(trainer.run_dir, state="COMPLETED", ended=time.time())
     # Only after a clean run: a rank that failed must not wait in a barrier that another rank, stuck in a
     # collective, never reaches. Destroying the group before exit keeps gloo's threads from aborting.
     if trainer.accelerator.num_processes > 1 and torch.distributed.is_initialized():
