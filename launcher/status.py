@@ -115,6 +115,10 @@ def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row
             row.state = row.state if alive else "STOPPED"
         if start is not None and (row.active or record.get("ended", 0) >= start["time"]):
             row.elapsed_s = (now if row.active else record["ended"]) - start["time"]
+    if row.state == "TIMEOUT" and not row.error and record.get("spec"):
+        limit = record["spec"]["resources"]["max_requeues"]
+        timeouts = sum(1 for r in record.get("requeues", []) if r["reason"] == "timeout" and r["job_id"] == row.job_id)
+        row.error = f"requeued after {timeouts} time limits (resources.max_requeues={limit}); resume it to go on"
     metrics = last_training_record(run_dir / "metrics.jsonl")
     if metrics is not None:
         row.step, row.epoch, row.loss, row.samples_per_s = metrics["step"], metrics.get("epoch"), metrics["loss"], metrics.get("samples_per_s")

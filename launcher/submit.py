@@ -396,7 +396,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         spec = parse_spec(yaml.safe_load(self.spec_yaml), self.source)
         main = env.global_rank == 0
-        timeouts = sum(1 for r in runs.read_run(spec.run_dir).get("requeues", []) if r["reason"] == "timeout")
+        # The budget is per submission: `segjobs resume` starts a new job with max_requeues again.
+        timeouts = sum(1 for r in runs.read_run(spec.run_dir).get("requeues", [])
+                       if r["reason"] == "timeout" and r["job_id"] == env.job_id)
         requeue = RequeueSignal(spec, timeouts)
         os.environ.update(distributed_environment(env))
         handler = logging.StreamHandler(sys.stdout)  # submitit logs to its own handler: no root handler here
@@ -428,7 +430,4 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 log.info("requeueing job %s after a %s at step %d", env.job_id, requeue.reason, result["step"])
                 env._requeue(requeue.timeouts_left)  # scontrol requeue (SLURM) or the local executor's exit code
             sys.exit(0)  # not a result: the requeued job runs again
-        if requeue.reason == "timeout" and main:
-            runs.set_fields(spec.run_dir, error=f"timed out {timeouts} times (resources.max_requeues="
-                                                f"{spec.resources.max_requeues}); not requeued again")
         return {k: v for k, v in result.items() if k != "main"}
