@@ -107,7 +107,7 @@ def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row
         row.reason = seen.reason if seen.state == "PENDING" else ""
         if seen.state in FINAL_STATES and record.get("state") != seen.state:
             runs.set_fields(run_dir, state=seen.state)  # the last known state, once sacct forgets the job
-    else:  # a local or foreground run: run.json, and its process tells whether it is still going
+    elif job is None or job["cluster"] != "slurm":  # local or foreground: its process tells whether it still runs
         if job is not None and record.get("timeout_min"):
             row.limit_s = 60 * record["timeout_min"]
         if row.active:

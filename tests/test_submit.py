@@ -178,6 +178,7 @@ def test_status_rows_combine_sacct_run_json_and_metrics(tmp_path):
     assert (row.state, row.step, row.loss, row.elapsed_s, row.limit_s, row.nodes) == ("RUNNING", 50, 1 / 50, 754, 3600, 2)
     assert row.eta_s == pytest.approx(50 * 64 / 64.0) and row.checkpoint_age_s < 60
     assert status.build_row(forgotten, sacct, now).state == "TIMEOUT", "a job gone from sacct keeps its last state"
+    assert status.build_row(running, {}, now).state == "RUNNING", "SLURM out of reach: the state recorded last"
     waiting = status.build_row(requeued, sacct, now)
     assert (waiting.state, waiting.reason) == ("REQUEUED", "BeginTime")
 
