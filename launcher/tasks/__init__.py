@@ -8,6 +8,7 @@ task_class().
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ class StepContext:
     accelerator: Any
 
 
-class Task:
+class Task(ABC):
     """The base of every family's task: builds the network from the spec; the defaults below suit a
-    single-optimizer family without state beyond model and optimizers."""
+    single-optimizer family without state beyond model and optimizers. A family must supply the two
+    pipelines, train_step and evaluate (abstract: a family missing one cannot be built)."""
 
     ddp_find_unused_parameters = False  # W-Net's N-cut step leaves U-Dec without gradients
     eval_sharded = True  # False: every rank evaluates the whole split (DINO's k-means needs all features)
@@ -45,18 +47,23 @@ class Task:
         self.eval_mode = "whole"
 
     @staticmethod
-    def train_pipeline(spec): ...
+    @abstractmethod
+    def train_pipeline(spec):
+        """The training transform: (PIL image, label or None, rng) -> dict of uint8 arrays."""
 
     @staticmethod
-    def eval_pipeline(spec): ...
+    @abstractmethod
+    def eval_pipeline(spec):
+        """The evaluation transform (labels at their original resolution)."""
 
     def parallel_wrap(self, wrap) -> None:
         """Apply `wrap(module) -> module` (the trainer's DDP/FSDP) to the trained network, build the optimizers."""
         self.model = wrap(self.model)
         self.optimizers = [make_optimizer(self.spec, param_groups(self.model, self.spec.optim.weight_decay))]
 
+    @abstractmethod
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """One batch -> optimizer step(s); returns the losses as device tensors."""
 
     def extra_state(self) -> dict:
         return {}
@@ -64,8 +71,9 @@ class Task:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    @abstractmethod
     def evaluate(self, loader, accelerator) -> dict:
-        raise NotImplementedError
+        """{"miou", "pixel_acc", "iou": [per class]} over the loader's split."""
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
