@@ -1,108 +1,55 @@
-"""Checkpoints: save(step, state) on every rank, load_latest(), keep the newest `keep`.
+"""The checkpoint layout, without torch: the one reader of `runs/<name>/checkpoints/` for status, submit and restore.
 
-Layout of `runs/<name>/checkpoints/step_NNNNNNNN/`:
-    shared.pt       what every rank agrees on: model, optimizer, task extras (DINO teacher and centre),
-                    loader position, step counters (written by rank 0, gathered from all ranks first)
-    rank_RRRRR.pt   each rank's RNG states (python, numpy, torch, cuda)
-    meta.json       step, world size, the spec fields a resume must not change
+    runs/<name>/checkpoints/step_00001000/   meta.json, shared.pt, rank_00000.pt, ...
+    runs/<name>/checkpoints/.tmp_step_00001000/   a save in progress (never read)
 
-Note: all ranks write into `.tmp_step_NNNNNNNN/`; after a barrier rank 0 renames it to the final name, so a
-process killed at any moment (also mid-save) leaves only complete checkpoints under `step_*` names.
-Unfinished `.tmp_*` folders are removed by the next save. The folder must be on a file system every node
-sees (the run directory on a cluster).
+Only complete checkpoints carry a `step_NNNNNNNN` name (launcher.training.checkpointer writes them into a
+`.tmp_` folder and renames it), so whatever this module lists can be loaded. Names sort by step.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
-import shutil
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.distributed as dist
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def checkpoints_folder(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def steps(folder: Path) -> list[int]:
+    """The steps of the complete checkpoints in a checkpoints folder, oldest first."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in Path(folder).iterdir() if (m := STEP_DIR.match(p.name)))
 
 
-class Checkpointer:
-    def __init__(self, folder: Path, keep: int, rank: int = 0, world_size: int = 1):
-        self.folder, self.keep, self.rank, self.world_size = Path(folder), keep, rank, world_size
-
-    def steps(self) -> list[int]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := STEP_DIR.match(p.name)))
-
-    def latest(self) -> Path | None:
-        steps = self.steps()
-        return self.folder / f"step_{steps[-1]:08d}" if steps else None
-
-    def save(self, step: int, shared: dict[str, Any] | None, meta: dict[str, Any]) -> Path:
-        """Collective: every rank calls it; `shared` is needed on rank 0 only."""
-        final = self.folder / f"step_{step:08d}"
-        tmp = self.folder / f".tmp_step_{step:08d}"
-        if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(".tmp_step_*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        torch.save(rng_state(), tmp / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            torch.save(shared, tmp / "shared.pt")
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": self.world_size}, indent=1))
-        _barrier()
-        if self.rank == 0:
-            _fsync_tree(tmp)
-            if final.exists():  # a checkpoint of the same step (a rerun after a crash): replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in self.steps()[: -self.keep]:
-                shutil.rmtree(self.folder / f"step_{old:08d}", ignore_errors=True)
-        _barrier()
-        return final
-
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-        """(shared state, meta, this rank's RNG state or None when the world size changed)."""
-        meta = json.loads((path / "meta.json").read_text())
-        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=False)
-        rng_file = path / f"rank_{self.rank:05d}.pt"
-        rng = torch.load(rng_file, weights_only=False) if meta["world_size"] == self.world_size and rng_file.exists() else None
-        return shared, meta, rng
+def latest(folder: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    found = steps(folder)
+    return Path(folder) / step_name(found[-1]) if found else None
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush the files, then the folder: a rename after this cannot expose unwritten data after a crash."""
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def step_of(checkpoint: Path) -> int:
+    """The step of a checkpoint folder from its name (step_00000300 -> 300)."""
+    match = STEP_DIR.match(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a step_NNNNNNNN folder")
+    return int(match.group(1))
+
+
+def read_meta(checkpoint: Path) -> dict:
+    """meta.json of a checkpoint folder: step, world_size, the resume fingerprint, the spec."""
+    return json.loads((Path(checkpoint) / "meta.json").read_text())
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint folder as the trainer writes it (possibly copied elsewhere, under any name)."""
+    return (Path(path) / "meta.json").is_file() and (Path(path) / "shared.pt").is_file()

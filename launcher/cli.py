@@ -11,8 +11,9 @@
     segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
-`--debug` adds the traceback. Heavy imports (torch) happen inside the subcommand that needs them, so
-`segjobs --help`, `synth` and `shard` start fast.
+`--debug` adds the traceback. Each subcommand is one function in launcher.commands or launcher.cluster,
+imported when it runs: torch is imported only by those that need it, so `segjobs --help`, `status`, `logs`,
+`cancel`, `synth` and `shard` start fast.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segjobs", description="Train segmentation models on ADE20K shards, locally or on SLURM.")
+    overriding = argparse.ArgumentParser(add_help=False)
+    overriding.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a spec field (value parsed as YAML), e.g. --set train.max_steps=100")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -69,24 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--split", required=True, help="split name, e.g. training")
     images.add_argument("--dataset", default="images", help="dataset name used in shard names (default images)")
 
-    train = commands.add_parser("train", help="train a job spec on this machine (resumes a run with checkpoints)")
+    train = commands.add_parser("train", parents=[overriding],
+                                help="train a job spec on this machine (resumes a run with checkpoints)")
     train.add_argument("spec", nargs="?", help="a job spec YAML file, e.g. jobs/demo_segmenter.yaml")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a spec field (value parsed as YAML), e.g. --set train.max_steps=100")
-    shortcut = train.add_argument_group("shortcut without a spec file (starts from jobs/<model's spec>.yaml)")
-    shortcut.add_argument("--model", choices=["segmenter", "wnet", "dino"])
+    shortcut = train.add_argument_group("shortcut without a spec file (starts from the family's job spec)")
+    shortcut.add_argument("--model", metavar="FAMILY", help="a model family: segmenter, wnet or dino")
     shortcut.add_argument("--batch-size", type=int)
     shortcut.add_argument("--epochs", type=int)
     shortcut.add_argument("--learning-rate", type=float)
     shortcut.add_argument("--pretrained", nargs="?", const="", metavar="FILE",
                           help="Segmenter: a DINO ViT-S/16 backbone (file, or found in the torch hub cache)")
 
-    submit = commands.add_parser("submit", help="submit a job spec to SLURM (or run it with the local executor)")
+    submit = commands.add_parser("submit", parents=[overriding],
+                                 help="submit a job spec to SLURM (or run it with the local executor)")
     submit.add_argument("spec", help="a job spec YAML file, e.g. jobs/dino_vits8.yaml")
     submit.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto",
                         help="auto (default): slurm when a SLURM controller answers, else local processes")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field (value parsed as YAML)")
     submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="one run per value (several --sweep: every combination), submitted as one job array")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
@@ -113,16 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--cluster", choices=["auto", "slurm", "local"], default=None,
                         help="default: where its last job ran")
 
-    evaluation = commands.add_parser("eval", help="evaluate a run's latest checkpoint (or a checkpoint folder) on a shard split")
+    evaluation = commands.add_parser("eval", parents=[overriding],
+                                     help="evaluate a run's latest checkpoint (or a checkpoint folder) on a shard split")
     evaluation.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run name or folder, or a checkpoints/step_NNNNNNNN folder")
     evaluation.add_argument("--split", default="validation", help="shard split beside the spec's data.val (default validation)")
     evaluation.add_argument("--mode", choices=["whole", "slide"], default="whole",
                             help="whole images, or overlapping windows of the training crop (Segmenter)")
     evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
-    evaluation.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a field of the checkpoint's spec, e.g. data.val=FOLDER")
 
-    pictures = commands.add_parser("visualize", help="pictures of a trained model (PNG grids, attention GIF, curves)")
+    pictures = commands.add_parser("visualize", parents=[overriding],
+                                   help="pictures of a trained model (PNG grids, attention GIF, curves)")
     pictures.add_argument("targets", nargs="+", metavar="TARGET",
                           help="run name or folder, checkpoint folder, or an official DINO backbone file")
     pictures.add_argument("--curves", action="store_true", help="loss and mIoU curves of the named runs in one PNG")
@@ -130,17 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     pictures.add_argument("--samples", type=int, default=4, help="validation images in a grid (default 4)")
     pictures.add_argument("--model", default="dino_vits8", help="architecture of a backbone file (default dino_vits8)")
     pictures.add_argument("--out", type=Path, help="folder for the pictures (default runs/<name>/pictures)")
-    pictures.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a field of the checkpoint's spec, e.g. data.val=FOLDER")
 
-    demo = commands.add_parser("demo", help="the main job on this machine: synthetic data, three models, eval, pictures")
+    demo = commands.add_parser("demo", parents=[overriding],
+                               help="the main job on this machine: synthetic data, three models, eval, pictures (--set: all three specs)")
     demo.add_argument("--root", type=Path, default=Path("data/demo"), help="data folder (default data/demo)")
     demo.add_argument("--train", type=int, default=400, help="synthetic training images (default 400)")
     demo.add_argument("--val", type=int, default=100, help="synthetic validation images (default 100)")
     demo.add_argument("--size", type=parse_size, default=(256, 320), help="image size HxW (default 256x320)")
     demo.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a field of all three demo specs")
 
     listing = commands.add_parser("models", help="list every model variant with its parameter count")
     listing.add_argument("--json", action="store_true", help="a JSON list of {name, family, params, ...}")
@@ -170,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_status(exc: Exception) -> int | None:
     """The exit status for an error a user can cause; None for a bug (which keeps its traceback)."""
+    from launcher.cluster.submit import SubmitError
     from launcher.runs import RunError
     from launcher.spec import SpecError
-    from launcher.submit import SubmitError
     from shards.errors import BadSourceError, ShardsError
 
     if isinstance(exc, (BadSourceError, SpecError, RunError)):
@@ -185,37 +184,28 @@ def exit_status(exc: Exception) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.spec import SpecError
-
     if args.command == "synth":
-        from launcher import data_commands
+        from launcher.commands import data
 
-        return data_commands.synth(args.out, args.train, args.val, args.size, args.classes, args.seed)
+        return data.synth(args.out, args.train, args.val, args.size, args.classes, args.seed)
     if args.command == "shard":
-        from launcher import data_commands
+        from launcher.commands import data
 
         if args.kind == "verify":
-            return data_commands.verify(args.dir)
+            return data.verify(args.dir)
         options = dict(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                        workers=args.workers, strict=args.strict)
         if args.kind == "ade20k":
             splits = args.splits.split(",") if args.splits else None
-            return data_commands.shard_ade20k(args.src, args.out, splits, **options)
-        return data_commands.shard_images(args.src, args.out, args.split, args.dataset, **options)
+            return data.shard_ade20k(args.src, args.out, splits, **options)
+        return data.shard_images(args.src, args.out, args.split, args.dataset, **options)
     if args.command == "train":
-        from launcher import train
+        from launcher.commands import train
 
-        spec, overrides = args.spec, args.overrides
-        if args.model:
-            spec, overrides = train.shortcut(args.model, args.batch_size, args.epochs, args.learning_rate, args.pretrained, overrides)
-        elif spec is None:
-            raise SpecError("segjobs train: pass a job spec (e.g. jobs/demo_segmenter.yaml) or --model.")
-        result = train.train(spec, overrides)
-        if result.get("eval") and result["main"]:
-            print(f"step {result['step']}: mIoU {result['eval']['miou']:.4f}, pixel accuracy {result['eval']['pixel_acc']:.4f}")
-        return 0
+        return train.main(args.spec, args.overrides, args.model, args.batch_size, args.epochs, args.learning_rate,
+                          args.pretrained)
     if args.command in ("submit", "resume", "cancel"):
-        from launcher import submit
+        from launcher.cluster import submit
 
         if args.command == "submit":
             return submit.submit(args.spec, args.cluster, args.overrides, args.sweep, args.dry_run)
@@ -223,27 +213,27 @@ def run(args: argparse.Namespace) -> int:
             return submit.resume(args.run, args.cluster)
         return submit.cancel(args.run)
     if args.command in ("status", "logs"):
-        from launcher import status
+        from launcher.commands import status
 
         if args.command == "logs":
             return status.logs(args.run, args.follow, args.rank)
         return status.show(args.runs, args.run_dirs, args.all, args.watch, args.json, args.interval)
     if args.command == "eval":
-        from launcher import report
+        from launcher.commands import eval as evaluation
 
-        return report.main(args.target, args.split, args.mode, args.json, args.overrides)
+        return evaluation.main(args.target, args.split, args.mode, args.json, args.overrides)
     if args.command == "visualize":
-        from launcher import visualize
+        from launcher.commands import visualize
 
         return visualize.main(args.targets, args.curves, args.frames, args.samples, args.model, args.out, args.overrides)
     if args.command == "demo":
-        from launcher import demo
+        from launcher.commands import demo
 
         return demo.run_demo(args.root, args.train, args.val, args.size, args.cluster, args.overrides)
     if args.command == "models":
-        from launcher import catalog
+        from launcher.commands import models
 
-        return catalog.show(as_json=args.json)
+        return models.show(as_json=args.json)
     raise AssertionError(f"unhandled command {args.command}")
 
 

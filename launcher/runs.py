@@ -1,6 +1,7 @@
-"""The run registry: `runs/<name>/run.json`, the index of every run of this account, and batched SLURM polling.
+"""Run state: `runs/<name>/run.json` and the index of every run of this account. The only code that writes them.
 
-run.json (one per run directory, rewritten atomically under a lock):
+run.json (one per run directory, rewritten atomically under a lock), changed only through the named
+transitions below (submitted, started, requeued, completed, failed, cancelled, settled):
     name, model, cluster ("slurm" | "local" | "foreground"), state (SUBMITTED, RUNNING, REQUEUED,
     COMPLETED, FAILED, CANCELLED, TIMEOUT), error, spec (the resolved spec of the latest submission),
     nodes, gpus_per_node, tasks, timeout_min, total_steps, global_batch,
@@ -18,14 +19,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import subprocess
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-ACTIVE_STATES = {"SUBMITTED", "PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
-POLL_TIMEOUT_S = 30
+# segjobs' own states; the others below are SLURM's words for a job, as sacct and squeue print them.
+SUBMITTED, RUNNING, REQUEUED, COMPLETED, FAILED, CANCELLED = "SUBMITTED", "RUNNING", "REQUEUED", "COMPLETED", "FAILED", "CANCELLED"
+TIMEOUT, STOPPED = "TIMEOUT", "STOPPED"  # STOPPED: a local run whose process is gone without a final state
+ACTIVE_STATES = {SUBMITTED, "PENDING", RUNNING, REQUEUED, "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
+FINAL_STATES = {COMPLETED, FAILED, CANCELLED, TIMEOUT, "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                "DEADLINE", STOPPED}
 
 
 class RunError(Exception):
@@ -62,7 +66,7 @@ def read_run(run_dir: Path) -> dict:
         return {}
 
 
-def update_run(run_dir: Path, change: Callable[[dict], None]) -> dict:
+def _update(run_dir: Path, change: Callable[[dict], None]) -> dict:
     """Apply `change` to run.json under the lock and write it back atomically; returns the new record."""
     path = Path(run_dir) / "run.json"
     with _locked(path):
@@ -72,17 +76,64 @@ def update_run(run_dir: Path, change: Callable[[dict], None]) -> dict:
     return record
 
 
-def set_fields(run_dir: Path, **fields: Any) -> dict:
-    return update_run(run_dir, lambda record: record.update(fields))
+def _set(run_dir: Path, **fields: Any) -> dict:
+    return _update(run_dir, lambda record: record.update(fields))
 
 
-def append(run_dir: Path, key: str, entry: dict, **fields: Any) -> dict:
-    """Add `entry` to the list run.json[key] (submissions, starts, requeues) and set `fields`."""
+def _append(run_dir: Path, key: str, entry: dict, **fields: Any) -> dict:
     def change(record: dict) -> None:
         record.setdefault(key, []).append(entry)
         record.update(fields)
 
-    return update_run(run_dir, change)
+    return _update(run_dir, change)
+
+
+# ---- transitions ------------------------------------------------------------------------------------------
+def submitted(run_dir: Path, submission: dict, **fields: Any) -> dict:
+    """A job was handed to the scheduler: `submission` is {job_id, time, cluster, log_folder, overrides};
+    `fields` describe the run (name, model, spec, nodes, ...). The state becomes SUBMITTED unless that job
+    has started already (a fast local job can start before this is written)."""
+    def change(record: dict) -> None:
+        record.setdefault("submissions", []).append(submission)
+        record.update(fields)
+        if not any(start["job_id"] == submission["job_id"] for start in record.get("starts", [])):
+            record.update(state=SUBMITTED, error=None)
+
+    record = _update(run_dir, change)
+    register(run_dir)
+    return record
+
+
+def started(run_dir: Path, start: dict, **fields: Any) -> dict:
+    """A process started training: `start` is {job_id, time, restart_count, world_size, host, pid}."""
+    record = _append(run_dir, "starts", start, state=RUNNING, error=None, **fields)
+    register(run_dir)
+    return record
+
+
+def requeued(run_dir: Path, job_id: str, reason: str, step: int) -> dict:
+    """The job checkpointed at `step` and goes back to the queue (reason: timeout or preemption)."""
+    return _append(run_dir, "requeues", {"job_id": job_id, "time": time.time(), "reason": reason, "step": step},
+                   state=REQUEUED)
+
+
+def completed(run_dir: Path) -> dict:
+    return _set(run_dir, state=COMPLETED, ended=time.time())
+
+
+def failed(run_dir: Path, error: str) -> dict:
+    return _set(run_dir, state=FAILED, error=error, ended=time.time())
+
+
+def cancelled(run_dir: Path, error: str | None = None) -> dict:
+    """Stopped by a person: `segjobs cancel`, scancel, or Ctrl-C in the foreground."""
+    fields = {"error": error, "ended": time.time()} if error else {}
+    return _set(run_dir, state=CANCELLED, **fields)
+
+
+def settled(run_dir: Path, state: str) -> dict:
+    """The final state the scheduler reports for the latest job, kept once the scheduler forgets the job."""
+    return _set(run_dir, state=state)
 
 
 # ---- the index of runs ------------------------------------------------------------------------------------
@@ -132,84 +183,3 @@ def resolve_run(name: str, candidates: list[Path] | None = None) -> Path:
 
 def latest_job(record: dict) -> dict | None:
     return record["submissions"][-1] if record.get("submissions") else None
-
-
-# ---- SLURM -------------------------------------------------------------------------------------------------
-@dataclass
-class JobState:
-    state: str  # SLURM's state word: PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, TIMEOUT, CANCELLED, ...
-    reason: str = ""  # why a job is pending (Priority, Resources, BeginTime, ...)
-    elapsed_s: int | None = None
-    limit_s: int | None = None
-    nodes: int | None = None
-
-
-def _seconds(text: str) -> int | None:
-    """SLURM durations: [D-]HH:MM:SS, MM:SS, or UNLIMITED/Partition_Limit."""
-    if not text or not text[0].isdigit():
-        return None
-    days, _, clock = text.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
-def parse_sacct(text: str) -> dict[str, JobState]:
-    """`sacct -X -n -P --format=JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes` output -> states by job id.
-    A job listed several times (requeued: one line per start) keeps its last line."""
-    states = {}
-    for line in text.splitlines():
-        fields = line.split("|")
-        if len(fields) < 6:
-            continue
-        job_id, state, reason, elapsed, limit, nodes = fields[:6]
-        states[job_id] = JobState(
-            state=state.split()[0] if state else "UNKNOWN",  # "CANCELLED by 0" -> CANCELLED
-            reason="" if reason in ("None", "") else reason,
-            elapsed_s=int(elapsed) if elapsed.isdigit() else None,
-            limit_s=int(limit) * 60 if limit.isdigit() else None,
-            nodes=int(nodes) if nodes.isdigit() else None,
-        )
-    return states
-
-
-def poll_slurm(job_ids: list[str]) -> dict[str, JobState]:
-    """The state of every job: one sacct call for all of them, then one squeue call for those sacct does not
-    show as finished (slurmdbd learns of state changes late: a requeued job can read REQUEUED there while
-    the controller already holds it PENDING for BeginTime). {} when SLURM is not reachable."""
-    if not job_ids:
-        return {}
-    ids = sorted(set(job_ids))
-    states = parse_sacct(_slurm_output(["sacct", "-X", "-n", "-P", "--format=JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes",
-                                        "-j", ",".join(ids)]))
-    unfinished = [i for i in ids if i not in states or states[i].state in ACTIVE_STATES]
-    if unfinished:
-        for line in _slurm_output(["squeue", "-h", "-j", ",".join(unfinished), "-o", "%i|%T|%r"]).splitlines():
-            job_id, state, reason = (line.split("|") + ["", ""])[:3]
-            live = states.setdefault(job_id, JobState(state))
-            live.state, live.reason = state, "" if reason == "None" else reason
-    return states
-
-
-def _slurm_output(command: list[str]) -> str:
-    """stdout of a SLURM query, "" when it fails (no SLURM here, or every job id unknown to squeue)."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=POLL_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout if done.returncode == 0 else ""
-
-
-def local_job_alive(job_id: str) -> bool:
-    """A job of submitit's local executor: its id is the pid of the controller process (a zombie is dead)."""
-    try:
-        os.kill(int(job_id), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{job_id}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:  # no /proc (macOS): signal 0 answered
-        return True

@@ -2,7 +2,8 @@
 
     spec = load_spec("jobs/segmenter_tiny16.yaml", overrides=["train.max_steps=100", "data.batch_size=4"])
 
-Every knob lives here (a command-line flag only overrides a field). Each field's description is its
+Pure: no torch at import (`check_environment` imports the model registry when called). Every knob lives here
+(a command-line flag only overrides a field). Each field's description is its
 documentation; README's spec reference is generated from this schema (`spec_reference()`).
 A bad spec raises SpecError: one paragraph naming the file, the key path, what was expected and what was found.
 """
@@ -142,6 +143,32 @@ class JobSpec(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Changing these makes a checkpoint meaningless: resuming with a different value is refused.
+RESUME_KEYS = ("model.name", "model.options", "optim.kind", "seed")
+
+
+def resume_fingerprint(spec: JobSpec) -> dict:
+    """The values of RESUME_KEYS, stored in every checkpoint's meta.json."""
+    dumped = spec.model_dump(mode="json")
+    out = {}
+    for key in RESUME_KEYS:
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
+    """Why a checkpoint written with the fingerprint `saved` cannot be resumed under `spec` (None if it can)."""
+    now = resume_fingerprint(spec)
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if not changed:
+        return None
+    differences = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+    return f"{', '.join(changed)} changed since the checkpoint ({differences})"
 
 
 def _describe(value: Any) -> str:

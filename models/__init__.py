@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from models import dino, segmenter, wnet  # noqa: F401 - importing registers their variants
 from models.pretrained import LoadReport, PretrainedError, load_pretrained
 from models.registry import entries, entry, list_models
 

@@ -1,7 +1,8 @@
 """Every model variant by name: `create("segmenter_t16_mask")`, `list_models()`.
 
 A family file registers its constructors with `@register(name, family)`; a constructor takes keyword options
-(e.g. num_classes, drop_path_rate) and returns a plain nn.Module.
+(e.g. num_classes, drop_path_rate) and returns a plain nn.Module. This module imports no family:
+models/__init__.py imports them (one line each), as timm does, so every `import models` registers them all.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ def register(name: str, family: str):
 
 
 def entries() -> list[ModelEntry]:
-    _load_families()
     return [_MODELS[name] for name in sorted(_MODELS)]
 
 
@@ -43,11 +43,6 @@ def list_models() -> list[str]:
 
 
 def entry(name: str) -> ModelEntry:
-    _load_families()
     if name not in _MODELS:
         raise KeyError(name)
     return _MODELS[name]
-
-
-def _load_families() -> None:
-    from models import dino, segmenter, wnet  # noqa: F401 - importing registers their variants

@@ -87,7 +87,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         self.shard_sizes = [s.num_samples for s in manifest.shards]
         self.starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self.num_samples = int(self.starts[-1])
-        self.labelled = manifest.num_classes > 0
+        self.manifest = manifest
         self.pipeline = pipeline
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.train, self.shuffle_buffer, self.skip_corrupt = train, shuffle_buffer, skip_corrupt
@@ -158,10 +158,12 @@ class BatchStream(torch.utils.data.IterableDataset):
         except (OSError, SyntaxError, ValueError) as exc:
             raise CorruptShardError(f"{where}: image does not decode ({exc}).") from None
         label = None
-        if self.labelled and "seg.png" in raw:
+        if self.manifest.labelled and "seg.png" in raw:
             try:
                 # Raw indices: Pillow keeps palette PNGs as indices ("P"), unlike converting to greyscale.
-                label = reduce_zero_label(np.asarray(Image.open(io.BytesIO(raw["seg.png"]))))
+                label = np.asarray(Image.open(io.BytesIO(raw["seg.png"])))
+                if self.manifest.reduce_zero_label:
+                    label = reduce_zero_label(label)
             except (OSError, SyntaxError, ValueError) as exc:
                 raise CorruptShardError(f"{where}: label does not decode ({exc}).") from None
         rng = np.random.default_rng([self.seed, epoch, flat])
@@ -197,6 +199,11 @@ class ShardLoader:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.epoch, self.position, self.skipped = 0, 0, 0
         self._batches: Iterator[dict[str, Any]] | None = None
+
+    @property
+    def manifest(self):
+        """The split's manifest: num_classes, class names, label offset."""
+        return self.stream.manifest
 
     def __len__(self) -> int:
         """Batches per full epoch on this rank."""

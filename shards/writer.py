@@ -261,13 +261,15 @@ def write_split(
     dataset: str,
     split: str,
     num_classes: int,
+    class_names: list[str] | None = None,
     samples_per_shard: int = 1000,
     max_shard_bytes: float = 1e9,
     workers: int = 1,
     strict: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Manifest, SplitSummary]:
-    """Shard one split; `progress(samples_done, bytes_done)` is called as samples are packed."""
+    """Shard one split; `progress(samples_done, bytes_done)` is called as samples are packed. num_classes and
+    class_names go into the manifest (labels are stored as the source has them, 0 = "other")."""
     if samples_per_shard < 1 or max_shard_bytes <= 0 or workers < 1:
         raise BadSourceError("--samples-per-shard, --max-shard-bytes and --workers must be positive.")
     start = time.perf_counter()
@@ -275,7 +277,7 @@ def write_split(
     plan = plan_shards(samples, samples_per_shard, max_shard_bytes)
     state = _load_state(split_dir)
     new_state: dict[str, dict] = {}
-    manifest = Manifest(dataset=dataset, split=split, num_classes=num_classes)
+    manifest = Manifest(dataset=dataset, split=split, num_classes=num_classes, class_names=class_names)
     reused = done = written = 0
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:

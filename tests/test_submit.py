@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from launcher import runs, status
+from launcher import runs
 from launcher.cli import main as segjobs
+from launcher.cluster import queue
+from launcher.cluster.sbatch import sbatch_script
+from launcher.cluster.submit import sweep_points
+from launcher.commands import status
 from launcher.spec import parse_spec
-from launcher.submit import sbatch_script, sweep_points
 from tests.jobspecs import losses, write_spec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -126,9 +129,9 @@ def test_cancel_then_resume_continues_from_the_checkpoint(shard_root, tmp_path, 
     assert wait_for_state(run_dir, {"CANCELLED"}).state == "CANCELLED"
     job = runs.latest_job(runs.read_run(run_dir))["job_id"]
     deadline = time.monotonic() + 30
-    while runs.local_job_alive(job) and time.monotonic() < deadline:
+    while queue.local_job_alive(job) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not runs.local_job_alive(job)
+    assert not queue.local_job_alive(job)
     saved = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
 
     capsys.readouterr()
@@ -162,9 +165,10 @@ def fake_run(root: Path, name: str, state: str, job_id: str, cluster: str = "slu
     lines = [{"step": s, "epoch": s // 20, "loss": 1.0 / s, "lr": 0.1, "samples_per_s": 64.0} for s in range(10, step + 1, 10)]
     lines.append({"step": step, "epoch": step // 20, "eval": {"miou": 0.5}})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    runs.set_fields(run_dir, name=name, model="dino_vits8", state=state, nodes=2, gpus_per_node=8, total_steps=100,
-                    global_batch=64, timeout_min=60, submissions=[{"job_id": job_id, "cluster": cluster, "time": 0,
-                                                                   "log_folder": str(run_dir / "logs"), "overrides": []}])
+    record = dict(name=name, model="dino_vits8", state=state, nodes=2, gpus_per_node=8, total_steps=100, global_batch=64,
+                  timeout_min=60, submissions=[{"job_id": job_id, "cluster": cluster, "time": 0,
+                                                "log_folder": str(run_dir / "logs"), "overrides": []}])
+    (run_dir / "run.json").write_text(json.dumps(record))
     return run_dir
 
 
@@ -172,7 +176,7 @@ def test_status_rows_combine_sacct_run_json_and_metrics(tmp_path):
     running = fake_run(tmp_path, "a", "RUNNING", "101")
     forgotten = fake_run(tmp_path, "b", "TIMEOUT", "102")
     requeued = fake_run(tmp_path, "c", "REQUEUED", "103")
-    sacct = runs.parse_sacct("101|RUNNING|None|754|60|2\n103|PENDING|BeginTime|0|60|2\n102_junk\n")
+    sacct = queue.parse_sacct("101|RUNNING|None|754|60|2\n103|PENDING|BeginTime|0|60|2\n102_junk\n")
     now = time.time()
     row = status.build_row(running, sacct, now)
     assert (row.state, row.step, row.loss, row.elapsed_s, row.limit_s, row.nodes) == ("RUNNING", 50, 1 / 50, 754, 3600, 2)
@@ -182,7 +186,7 @@ def test_status_rows_combine_sacct_run_json_and_metrics(tmp_path):
     waiting = status.build_row(requeued, sacct, now)
     assert (waiting.state, waiting.reason) == ("REQUEUED", "BeginTime")
 
-    finished = runs.parse_sacct("101|CANCELLED by 0|None|800|60|2\n")
+    finished = queue.parse_sacct("101|CANCELLED by 0|None|800|60|2\n")
     assert status.build_row(running, finished, now).state == "CANCELLED"
     assert runs.read_run(running)["state"] == "CANCELLED", "SLURM's final state is remembered in run.json"
 
@@ -203,4 +207,4 @@ def test_status_reads_only_the_tail_of_long_metrics(tmp_path):
 
 def test_durations_read_like_slurm():
     assert [status.duration(s) for s in (None, 59, 3599, 3600, 90061)] == ["-", "0:59", "59:59", "1:00:00", "1-1:01:01"]
-    assert [runs._seconds(t) for t in ("1-02:03:04", "02:03", "UNLIMITED")] == [93784, 123, None]
+    assert [queue._seconds(t) for t in ("1-02:03:04", "02:03", "UNLIMITED")] == [93784, 123, None]

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from launcher.checkpoint import Checkpointer
+from launcher.training.checkpointer import Checkpointer
 from launcher.cli import main as segjobs
-from launcher.evaluate import SegmentationMetric
+from launcher.training.metrics import SegmentationMetric
 from tests.jobspecs import losses, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_unsupervised_metric_matches_clusters_to_classes():
 
 
 def test_the_seed_shortcut_maps_to_spec_fields(shard_root, tmp_path):
-    from launcher.train import shortcut
+    from launcher.commands.train import shortcut
 
     spec, overrides = shortcut("segmenter", 16, 30, 0.001, "", ["train.log_every=5"])
     assert spec.endswith("jobs/segmenter_tiny16.yaml")
@@ -229,7 +229,7 @@ def test_readme_spec_reference_is_generated_from_the_schema():
 
 
 def test_weight_decay_groups_do_not_depend_on_a_ddp_wrapper():
-    from launcher.tasks import param_groups
+    from launcher.training.families.base import param_groups
 
     class Network(torch.nn.Module):
         def __init__(self):

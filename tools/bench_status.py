@@ -33,18 +33,18 @@ def make_runs(root: Path, count: int, lines: int) -> None:
                                     "skipped": 0, "loss": 1.0 / step}) + "\n")
                 if step % 500 == 0:
                     f.write(json.dumps({"step": step, "epoch": step // 500, "eval": {"miou": 0.4, "pixel_acc": 0.8}}) + "\n")
-        runs.set_fields(run_dir, name=run_dir.name, model="dino_vits8", cluster="slurm", state="RUNNING", nodes=2,
-                        gpus_per_node=8, total_steps=2 * lines, global_batch=1024, timeout_min=1440,
-                        submissions=[{"job_id": str(1000 + index), "cluster": "slurm", "time": time.time(),
-                                      "log_folder": str(run_dir / "logs"), "overrides": []}],
-                        starts=[{"job_id": str(1000 + index), "time": time.time(), "restart_count": 0, "world_size": 16}])
-        runs.register(run_dir)
+        job_id = str(1000 + index)
+        runs.submitted(run_dir, {"job_id": job_id, "cluster": "slurm", "time": time.time(), "log_folder": str(run_dir / "logs"),
+                                 "overrides": []},
+                       name=run_dir.name, model="dino_vits8", cluster="slurm", nodes=2, gpus_per_node=8, timeout_min=1440)
+        runs.started(run_dir, {"job_id": job_id, "time": time.time(), "restart_count": 0, "world_size": 16},
+                     total_steps=2 * lines, global_batch=1024)
 
 
 def refresh() -> int:
     from rich.console import Console
 
-    from launcher import status
+    from launcher.commands import status
 
     rows = status.collect(show_all=True, poll=False)
     console = Console(file=io.StringIO(), width=200)
@@ -53,7 +53,7 @@ def refresh() -> int:
 
 
 def collect_rows() -> int:
-    from launcher import status
+    from launcher.commands import status
 
     return len(status.collect(show_all=True, poll=False))
 

@@ -3,7 +3,7 @@
     .venv/bin/python tools/bench_train.py                  # CPU: the three demo specs, small sizes
     .venv/bin/python tools/bench_train.py --gpu            # GPU: DINO ViT-S/8 and Segmenter S/16-mask at paper sizes
 
-For each case: images/s through `launcher.train` (loader workers, augmentation, autocast, optimizer, schedules,
+For each case: images/s through `launcher.training.trainer` (loader workers, augmentation, autocast, optimizer, schedules,
 logging) and images/s of the bare step (forward, backward, optimizer step on random tensors of the same shapes,
 already on the device), each after warm-up steps; the ratio is what to compare (target >= 0.90 on a GPU).
 Synthetic shards are made first (images sized for the case).
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from launcher.train import Trainer
 from launcher.spec import load_spec
+from launcher.training.trainer import Trainer
 from models.dino import DINOLoss
 from shards import ade20k
 from shards.synth import write_ade20k

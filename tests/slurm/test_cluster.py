@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher import runs, status
+from launcher import runs
 from launcher.cli import main as segjobs
+from launcher.cluster import queue
+from launcher.cluster.sbatch import sbatch_script
+from launcher.commands import status
 from launcher.spec import load_spec
-from launcher.submit import sbatch_script
 from tests.jobspecs import losses, write_spec
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -37,7 +39,7 @@ def wait_for(run_dir: Path, states: set[str], timeout: float = 300, until=None) 
     while time.monotonic() < deadline:
         record = runs.read_run(run_dir)
         job = runs.latest_job(record)["job_id"]
-        row = status.build_row(run_dir, runs.poll_slurm([job]), time.time())
+        row = status.build_row(run_dir, queue.poll_slurm([job]), time.time())
         if row.reason == "BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         if row.state in states and (until is None or until(row)):

@@ -1,22 +1,28 @@
 """W-Net: the paper's alternating schedule, per batch an N-cut step on U-Enc then a reconstruction step on
-both U-Nets; evaluation is unsupervised mIoU (clusters matched to classes by the Hungarian algorithm)."""
+both U-Nets; evaluation is unsupervised mIoU (clusters matched to classes by the Hungarian algorithm);
+pictures of image | segments | reconstruction."""
 
 from __future__ import annotations
 
 import torch
 
-from launcher.evaluate import SegmentationMetric
-from launcher.tasks import StepContext, Task, make_optimizer, param_groups, to_device
+from launcher.training.families.base import StepContext, Task, make_optimizer, param_groups, to_device
+from launcher.training.families.registry import register_family
+from launcher.training.metrics import SegmentationMetric
+from launcher.training.parallel import unwrap
+from launcher.training.pictures import colourize, grid, to_batch
+from models.wnet import Module as UNetModule
 from models.wnet import reconstruction_loss, soft_ncut_loss
-from shards.ade20k import NUM_CLASSES
 from shards.transforms import WNetCrop
 
 
+@register_family("wnet")
 class WNetTask(Task):
     supervised = False
     ddp_find_unused_parameters = True  # the N-cut step's forward uses U-Enc only
     supports_grad_accum = False  # two optimizer steps per batch
     channels_last = True  # faster convolutions on GPUs
+    shortcut_spec = "jobs/wnet.yaml"
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
         super().__init__(spec, accelerator, steps_per_epoch, total_steps)
@@ -30,9 +36,12 @@ class WNetTask(Task):
     def eval_pipeline(spec):
         return WNetCrop(size=spec.data.image_size, train=False)
 
+    def shard_units(self, module):
+        return [m for m in module.modules() if isinstance(m, UNetModule)]
+
     def parallel_wrap(self, wrap) -> None:
         self.model = wrap(self.model)
-        network = getattr(self.model, "module", self.model)
+        network = unwrap(self.model)
         decay = self.spec.optim.weight_decay
         # Two optimizers, as the paper: U-Enc alone for the N-cut loss, both U-Nets for reconstruction.
         self.optimizers = [make_optimizer(self.spec, param_groups(network.encoder, decay)),
@@ -62,7 +71,7 @@ class WNetTask(Task):
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:
         self.model.eval()
-        metric = SegmentationMetric(NUM_CLASSES, num_predicted=self.num_segments)
+        metric = SegmentationMetric(loader.manifest.num_classes, num_predicted=self.num_segments)
         for batch in loader:
             images = to_device(batch["image"], accelerator.device).float() / 255.0
             with accelerator.autocast():
@@ -74,3 +83,15 @@ class WNetTask(Task):
             metric.all_reduce()
         self.model.train()
         return metric.compute()
+
+    @torch.no_grad()
+    def pictures(self, samples, device) -> dict:
+        """image | segmentation (a colour per cluster) | reconstruction per sample."""
+        rows = []
+        for image, _ in samples:  # W-Net pads to its own multiple: any size goes
+            pixels = to_batch(image, image.shape[:2], device).float() / 255.0
+            probs, reconstruction = self.model(pixels, decode=True)
+            clusters = probs.argmax(1)[0].cpu().numpy()
+            rebuilt = (reconstruction[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            rows.append([image, colourize(clusters, offset=1), rebuilt])
+        return {"wnet.png": grid(rows)}

@@ -15,8 +15,8 @@ import math
 import time
 from pathlib import Path
 
+from launcher import checkpoint as layout
 from launcher.spec import SpecError
-from shards.ade20k import CLASSES
 
 SHOWN_CLASSES = 10
 
@@ -32,7 +32,7 @@ def split_folder(spec, split: str) -> Path:
 
 def evaluate(target: str, split: str = "validation", mode: str = "whole", overrides: list[str] = ()) -> dict:
     """Evaluate a run's latest checkpoint (or a checkpoint folder) and write eval/step_NNNNNNNN.json beside it."""
-    from launcher.restore import output_folder, restore
+    from launcher.training.restore import output_folder, restore
     from shards.loader import build_loader
 
     spec, task, accelerator, checkpoint = restore(target, overrides)
@@ -47,12 +47,11 @@ def evaluate(target: str, split: str = "validation", mode: str = "whole", overri
         result = task.evaluate(loader, accelerator)
     finally:
         loader.close()
-    step = int(checkpoint.name.removeprefix("step_"))
-    import models
-
-    report = {"checkpoint": str(checkpoint), "model": spec.model.name, "family": models.entry(spec.model.name).family, "step": step, "split": split, "mode": mode,
-              "samples": loader.stream.num_samples, "seconds": round(time.perf_counter() - start, 2),
-              "unsupervised": not task.supervised, **result}
+    step = layout.read_meta(checkpoint)["step"]  # a copied checkpoint folder may have any name
+    report = {"checkpoint": str(checkpoint), "model": spec.model.name, "family": task.family, "step": step,
+              "split": split, "mode": mode, "samples": loader.stream.num_samples,
+              "seconds": round(time.perf_counter() - start, 2), "unsupervised": not task.supervised,
+              "class_names": loader.manifest.names(), **result}
     report["iou"] = [None if math.isnan(v) else v for v in report["iou"]]  # JSON has no NaN: absent classes are null
     # The trainer's final evaluation (validation, whole) has the same name: the same numbers, more fields.
     suffix = "" if (split, mode) == ("validation", "whole") else f"_{split}_{mode}"
@@ -63,9 +62,9 @@ def evaluate(target: str, split: str = "validation", mode: str = "whole", overri
     return report
 
 
-def ranked_classes(iou: list[float | None]) -> list[tuple[str, float]]:
+def ranked_classes(iou: list[float | None], names: list[str]) -> list[tuple[str, float]]:
     """(class name, IoU) of the classes present in the split, best first."""
-    present = [(CLASSES[i] if i < len(CLASSES) else str(i), v) for i, v in enumerate(iou) if v is not None]
+    present = [(names[i] if i < len(names) else str(i), v) for i, v in enumerate(iou) if v is not None]
     return sorted(present, key=lambda item: -item[1])
 
 
@@ -77,7 +76,7 @@ def show(report: dict) -> None:
     summary = Table(show_header=False)
     summary.add_row(kind, f"{report['miou']:.4f}")
     summary.add_row("pixel accuracy", f"{report['pixel_acc']:.4f}")
-    ranked = ranked_classes(report["iou"])
+    ranked = ranked_classes(report["iou"], report["class_names"])
     classes = Table(title=f"classes by IoU ({len(ranked)} present)", title_justify="left")
     classes.add_column("best", style="green")
     classes.add_column("IoU", justify="right")

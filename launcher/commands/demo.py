@@ -20,8 +20,9 @@ import shutil
 import time
 from pathlib import Path
 
-from launcher import data_commands, status
-from launcher.submit import choose_cluster, load_points, submit_all
+from launcher.cluster.submit import choose_cluster, load_points, submit_all
+from launcher.commands import data as data_commands
+from launcher.commands import status
 
 DEMO_SPECS = ("jobs/demo_segmenter.yaml", "jobs/demo_wnet.yaml", "jobs/demo_dino.yaml")
 GIF_FRAMES = 8
@@ -66,10 +67,12 @@ def demo_frames(root: Path, count: int) -> Path:
 
 def run_demo(root: Path = Path("data/demo"), train: int = 400, val: int = 100, size: tuple[int, int] = (256, 320),
              cluster: str = "auto", overrides: list[str] = (), interval: float = 5.0) -> int:
-    from launcher import report, visualize
+    from launcher.commands import eval as report
+    from launcher.commands import visualize
+    from launcher.training.families import task_class
 
     start = time.time()
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     shards = prepare_data(root, train, val, size)
     cluster = choose_cluster(cluster)
     # The three jobs share this machine: one core each at most, or their threads oversubscribe the cores
@@ -88,7 +91,8 @@ def run_demo(root: Path = Path("data/demo"), train: int = 400, val: int = 100, s
     for run_dir in run_dirs:
         result = report.evaluate(str(run_dir))
         report.show(result)
-        pictures = visualize.visualize([str(run_dir)], frames=frames if result["family"] == "dino" else None)
+        animated = task_class(result["family"]).frames_name is not None
+        pictures = visualize.visualize([str(run_dir)], frames=frames if animated else None)
         summary.append((result, pictures))
     curves = visualize.visualize([str(d) for d in run_dirs], curves=True)
     print()

@@ -9,26 +9,27 @@ data paths may need `--set data.val=...` here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from launcher import checkpoint as layout
 from launcher import runs
-from launcher.checkpoint import STEP_DIR
 from launcher.spec import JobSpec, SpecError, parse_spec
+from launcher.training.families import task_for_model
+from launcher.training.parallel import build_accelerator
 
 
 def find_checkpoint(target: str) -> Path:
     """A checkpoint folder (step_NNNNNNNN with meta.json), or the latest complete one of a run (name or folder)."""
     path = Path(target)
-    if (path / "meta.json").is_file() and (path / "shared.pt").is_file():
+    if layout.is_checkpoint(path):
         return path
     run_dir = runs.resolve_run(target)
-    steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if STEP_DIR.match(p.name))
-    if not steps:
+    latest = layout.latest(layout.checkpoints_folder(run_dir))
+    if latest is None:
         raise runs.RunError(f"{run_dir}: no checkpoint yet (checkpoints/step_NNNNNNNN).")
-    return steps[-1]
+    return latest
 
 
 def output_folder(checkpoint: Path) -> Path:
@@ -37,8 +38,7 @@ def output_folder(checkpoint: Path) -> Path:
 
 
 def checkpoint_spec(checkpoint: Path, overrides: list[str]) -> JobSpec:
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    raw = meta.get("spec")
+    raw = layout.read_meta(checkpoint).get("spec")
     if raw is None:  # written before checkpoints carried their spec: the run's spec.yaml
         import yaml
 
@@ -51,21 +51,11 @@ def checkpoint_spec(checkpoint: Path, overrides: list[str]) -> JobSpec:
 
 def restore(target: str, overrides: list[str] = ()):
     """(spec, task with the checkpoint's weights in eval mode, accelerator, checkpoint folder)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    import models
-    from launcher.tasks import task_class
-
     checkpoint = find_checkpoint(target)
     spec = checkpoint_spec(checkpoint, list(overrides))
-    cuda = torch.cuda.is_available()
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    precision = spec.train.precision if cuda else "no"
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
+    accelerator = build_accelerator(spec.train.precision if torch.cuda.is_available() else "no")
     spec.model.pretrained = None  # the checkpoint holds every weight
-    task = task_class(models.entry(spec.model.name).family)(spec, accelerator, 1, 1)
+    task = task_for_model(spec.model.name)(spec, accelerator, 1, 1)
     # weights_only: a checkpoint from elsewhere cannot run code when loaded (the RNG files are not read).
     shared = torch.load(checkpoint / "shared.pt", map_location="cpu", weights_only=True)
     task.model.load_state_dict(shared["model"])

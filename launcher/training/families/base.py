@@ -2,8 +2,9 @@
 
 A Task builds its network(s) and data pipelines, turns a batch into optimizer steps (returning the losses
 as device tensors: the trainer reads them only at log steps), carries any state beyond model and
-optimizers (DINO's teacher and centre), and evaluates. Adding a family is one module here plus one line in
-task_class().
+optimizers (DINO's teacher and centre), evaluates, names its FSDP units and draws its pictures. A family is
+one module in this package with a Task registered by `@register_family`, plus one import line in
+families/__init__.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+
+from launcher.training.parallel import unwrap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,14 +34,17 @@ class StepContext:
 class Task(ABC):
     """The base of every family's task: builds the network from the spec; the defaults below suit a
     single-optimizer family without state beyond model and optimizers. A family must supply the two
-    pipelines, train_step and evaluate (abstract: a family missing one cannot be built)."""
+    pipelines, train_step, evaluate and pictures (abstract: a family missing one cannot be built)."""
 
+    family: str = ""  # set by @register_family
+    shortcut_spec: str | None = None  # `segjobs train --model FAMILY` starts from this spec (relative to the repository)
     ddp_find_unused_parameters = False  # W-Net's N-cut step leaves U-Dec without gradients
     eval_sharded = True  # False: every rank evaluates the whole split (DINO's k-means needs all features)
     supports_grad_accum = True  # False when one batch already takes several optimizer steps (W-Net)
     channels_last = False  # convolutional networks: NHWC memory format
     supervised = True  # False: evaluation matches predicted clusters to classes (Hungarian)
     eval_modes = ("whole",)  # Segmenter adds "slide" (overlapping windows of the training crop)
+    frames_name: str | None = None  # the animation over a folder of frames (DINO: attention.gif); None: none
 
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
         import models
@@ -56,6 +64,20 @@ class Task(ABC):
     def eval_pipeline(spec):
         """The evaluation transform (labels at their original resolution)."""
 
+    @classmethod
+    def shortcut_pretrained(cls, pretrained: str) -> list[str]:
+        """`segjobs train --model FAMILY --pretrained [FILE]`: the --set overrides that start from those weights."""
+        from launcher.spec import SpecError
+
+        raise SpecError(f"--pretrained: the {cls.family} family has no pretrained shortcut; set model.pretrained in a spec.")
+
+    def check_data(self, manifest) -> None:
+        """Refuse training shards this task cannot learn from (their manifest's num_classes, say)."""
+
+    def shard_units(self, module: nn.Module) -> list[nn.Module]:
+        """The submodules FSDP shards one by one (transformer blocks, U-Net modules); none: the root is one unit."""
+        return []
+
     def parallel_wrap(self, wrap) -> None:
         """Apply `wrap(module) -> module` (the trainer's DDP/FSDP) to the trained network, build the optimizers."""
         self.model = wrap(self.model)
@@ -73,7 +95,20 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, loader, accelerator) -> dict:
-        """{"miou", "pixel_acc", "iou": [per class]} over the loader's split."""
+        """{"miou", "pixel_acc", "iou": [per class]} over the loader's split (num_classes from its manifest)."""
+
+    @abstractmethod
+    def pictures(self, samples: list[tuple[np.ndarray, np.ndarray | None]], device) -> dict[str, Image.Image]:
+        """File name -> picture of the trained model on validation samples (H x W x 3 uint8 image, label or None)."""
+
+    def picture_network(self) -> nn.Module:
+        """The network a frame animation draws (DINO: the teacher, as in the paper's figures)."""
+        return unwrap(self.model)
+
+    @classmethod
+    def frame_picture(cls, network: nn.Module, image: np.ndarray, device) -> Image.Image:
+        """One frame of the animation named `frames_name` (families that set it supply this)."""
+        raise NotImplementedError(f"the {cls.family} family draws no frame animation")
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -89,7 +124,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weights decay; biases, norms and 1-D parameters (and the model's no_weight_decay names) do not."""
-    model = getattr(model, "module", model)  # the same groups with or without a DDP wrapper
+    model = unwrap(model)  # the same groups with or without a DDP wrapper
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -106,8 +141,8 @@ def make_optimizer(spec, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=spec.optim.lr, betas=spec.optim.betas)
 
 
-def task_class(family: str) -> type:
-    """The Task of a model family (see models.registry)."""
-    from launcher.tasks import dino, segmenter, wnet
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """timm's ViT blocks inside a module: the FSDP units of the ViT families."""
+    from timm.models.vision_transformer import Block
 
-    return {"segmenter": segmenter.SegmenterTask, "dino": dino.DinoTask, "wnet": wnet.WNetTask}[family]
+    return [m for m in module.modules() if isinstance(m, Block)]

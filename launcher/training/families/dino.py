@@ -1,27 +1,36 @@
 """DINO: student and EMA teacher on multi-crop views; loss with centring and sharpening; the reference's
 schedules (learning rate, weight decay, teacher momentum, teacher temperature) and last-layer freezing.
-Evaluation: k-means on the teacher's patch features, then unsupervised mIoU by Hungarian matching."""
+Evaluation: k-means on the teacher's patch features, then unsupervised mIoU by Hungarian matching.
+Pictures: the teacher's per-head CLS attention and its 60%-mass masks; an animation of the mean attention."""
 
 from __future__ import annotations
 
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from launcher.evaluate import SegmentationMetric, kmeans
-from launcher.tasks import StepContext, Task, normalize, to_device
-from models.dino import DINOLoss, cancel_last_layer_gradients, clip_gradients, cosine_schedule, ema_update
-from shards.ade20k import NUM_CLASSES
+from launcher.training.families.base import StepContext, Task, normalize, to_device, transformer_blocks
+from launcher.training.families.registry import register_family
+from launcher.training.metrics import SegmentationMetric, kmeans
+from launcher.training.parallel import unwrap
+from launcher.training.pictures import IGNORE_INDEX, grid, heatmap, overlay, to_batch
+from models.dino import DINOLoss, attention_masks, cancel_last_layer_gradients, clip_gradients, cosine_schedule, ema_update
 from shards.transforms import DinoMultiCrop, WNetCrop
 
 EVAL_CLUSTERS = 20
 MAX_KMEANS_FEATURES = 100_000
+ATTENTION_SIZE = 224  # pictures: the shorter side, as in the paper's figures (a multiple of 8 and 16)
 
 
+@register_family("dino")
 class DinoTask(Task):
+    shortcut_spec = "jobs/dino_vits8.yaml"
+    frames_name = "attention.gif"
     supervised = False
     eval_sharded = False  # k-means must see the whole split: every rank evaluates all of it, identically
 
@@ -47,6 +56,9 @@ class DinoTask(Task):
     def eval_pipeline(spec):
         return WNetCrop(size=spec.data.global_crop_size, train=False)
 
+    def shard_units(self, module):
+        return transformer_blocks(module)
+
     def parallel_wrap(self, wrap) -> None:
         super().parallel_wrap(wrap)
         self.teacher = wrap(self.teacher, trainable=False)
@@ -68,17 +80,13 @@ class DinoTask(Task):
             if accelerator.sync_gradients:
                 if self.spec.train.clip_grad:
                     clip_gradients(self.model, self.spec.train.clip_grad)
-                cancel_last_layer_gradients(self._network(self.model), context.epoch, self.spec.dino.freeze_last_layer)
+                cancel_last_layer_gradients(unwrap(self.model), context.epoch, self.spec.dino.freeze_last_layer)
             self.optimizers[0].step()
             self.optimizers[0].zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
             momentum = float(self.momentum[min(context.step, len(self.momentum) - 1)])
-            ema_update(self._network(self.teacher), self._network(self.model), momentum)
+            ema_update(unwrap(self.teacher), unwrap(self.model), momentum)
         return {"loss": loss.detach()}
-
-    @staticmethod
-    def _network(module):
-        return getattr(module, "module", module)
 
     def extra_state(self) -> dict:
         """Collective under FSDP (the teacher's shards are gathered): every rank calls it."""
@@ -93,7 +101,7 @@ class DinoTask(Task):
     def evaluate(self, loader, accelerator) -> dict:
         """Teacher patch features of every validation image, clustered by k-means (20 clusters), each patch's
         cluster upsampled to the label's pixels, matched to classes."""
-        teacher = self._network(self.teacher)
+        teacher = unwrap(self.teacher)
         teacher.eval()
         if hasattr(teacher, "unshard"):  # FSDP: the backbone is called directly, past the root's hooks
             teacher.unshard()
@@ -114,9 +122,52 @@ class DinoTask(Task):
         stacked = torch.cat(features)
         sample = stacked[torch.randperm(len(stacked), generator=torch.Generator().manual_seed(0))[:MAX_KMEANS_FEATURES]]
         centers = kmeans(sample, EVAL_CLUSTERS)
-        metric = SegmentationMetric(NUM_CLASSES, num_predicted=EVAL_CLUSTERS)
+        metric = SegmentationMetric(loader.manifest.num_classes, num_predicted=EVAL_CLUSTERS)
         for tokens, (label, grid) in zip(features, labels):
             assignment = torch.cdist(F.normalize(tokens, dim=1), centers).argmin(1).reshape(1, 1, *grid).float()
             cluster_map = F.interpolate(assignment, size=label.shape[-2:], mode="nearest")[0, 0].long()
             metric.update(cluster_map, label)
         return metric.compute()
+
+    def picture_network(self):
+        return unwrap(self.teacher)
+
+    @torch.no_grad()
+    def pictures(self, samples, device) -> dict:
+        """Per sample, a row of the teacher's per-head attention maps and a row of their 60%-mass masks."""
+        network, rows = self.picture_network(), []
+        for image, _ in samples:
+            shown, attention, masks = attention(network, image, device)
+            rows.append([shown, *(heatmap(a) for a in attention)])
+            rows.append([shown, *(overlay(shown, np.where(m > 0, 0, IGNORE_INDEX), alpha=0.6) for m in masks)])
+        return {"dino_attention.png": grid(rows)}
+
+    @classmethod
+    def frame_picture(cls, network, image, device) -> Image.Image:
+        """image | mean attention over heads | the union of the heads' 60%-mass masks."""
+        shown, maps, masks = attention(network, image, device)
+        mask = np.where(masks.max(0) > 0, 0, IGNORE_INDEX)
+        return grid([[shown, heatmap(maps.mean(0)), overlay(shown, mask, alpha=0.6)]])
+
+
+def patch_multiple(height: int, width: int, patch: int, shorter: int) -> tuple[int, int]:
+    """The size with the shorter side near `shorter`, both sides multiples of the patch."""
+    scale = shorter / min(height, width)
+    return max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch)
+
+
+@torch.no_grad()
+def attention(network, image: np.ndarray, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image resized, heads x h x w attention upsampled to it, heads x h x w 60%-mass masks) for one image."""
+    patch = network.config.backbone.patch_size
+    height, width = patch_multiple(image.shape[0], image.shape[1], patch, ATTENTION_SIZE)
+    pixels = normalize(to_batch(image, (height, width), device))
+    maps = network.attention_maps(pixels)[0].float()  # heads x patches
+    masks = attention_masks(maps, mass=0.6).float()
+    grid_shape = (height // patch, width // patch)
+
+    def upsample(values: torch.Tensor) -> np.ndarray:
+        return F.interpolate(values.reshape(1, -1, *grid_shape), size=(height, width), mode="nearest")[0].cpu().numpy()
+
+    shown = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return shown, upsample(maps), upsample(masks)

@@ -32,8 +32,8 @@ def shard_ade20k(src: Path, out: Path, splits: list[str] | None, **options) -> i
     listed = [(split, *ade20k.list_split(root, split)) for split in splits]  # all layout errors before writing
     rejected = 0
     for split, samples, labelled in listed:
-        num_classes = ade20k.NUM_CLASSES if labelled else 0
-        manifest = _shard(samples, out / split, "ade20k", split, num_classes, options)
+        num_classes, names = (ade20k.NUM_CLASSES, list(ade20k.CLASSES)) if labelled else (0, None)
+        manifest = _shard(samples, out / split, "ade20k", split, num_classes, names, options)
         rejected += len(manifest.rejected)
     if rejected:
         print(f"{rejected} sample(s) rejected: reasons are listed under \"rejected\" in each manifest.json")
@@ -43,14 +43,15 @@ def shard_ade20k(src: Path, out: Path, splits: list[str] | None, **options) -> i
 def shard_images(src: Path, out: Path, split: str, dataset: str, **options) -> int:
     if not dataset or "-" in dataset or "/" in dataset or not split or "/" in split:
         raise BadSourceError(f"--dataset and --split must be plain names without '-' or '/', got {dataset!r}, {split!r}.")
-    _shard(image_folder_samples(src), out / split, dataset, split, 0, options)
+    _shard(image_folder_samples(src), out / split, dataset, split, 0, None, options)
     return 0
 
 
-def _shard(samples, split_dir: Path, dataset: str, split: str, num_classes: int, options: dict):
+def _shard(samples, split_dir: Path, dataset: str, split: str, num_classes: int, class_names: list[str] | None,
+           options: dict):
     with progress_reporter(len(samples), f"{dataset}/{split}") as progress:
         manifest, summary = write_split(samples, split_dir, dataset=dataset, split=split, num_classes=num_classes,
-                                        progress=progress, **options)
+                                        class_names=class_names, progress=progress, **options)
     print(summary.line())
     return manifest
 

@@ -1,4 +1,4 @@
-"""Submission: a job spec -> a submitit executor -> sbatch (or processes on this machine); the job seen from inside.
+"""Submission from the login node: a job spec -> a submitit executor -> sbatch (or processes on this machine).
 
     segjobs submit jobs/dino_vits8.yaml                                   # SLURM when sbatch answers, else local
     segjobs submit jobs/demo_segmenter.yaml --cluster local --set train.max_steps=50
@@ -6,16 +6,9 @@
     segjobs submit jobs/dino_vits8.yaml --dry-run                         # print the sbatch script only
     segjobs resume dino_vits8                                             # resubmit from the latest checkpoint
 
-Three layers, as in submitit: `slurm_parameters` and `sbatch_script` (pure: spec -> sbatch options and text),
-`submit` (the executor, run.json, the index) and `TrainingJob` (what runs in every task of the job).
-
-Requeue: SLURM sends SIGUSR2 `resources.signal_delay_s` before the time limit (and a preempting scheduler may
-send it at any time). Every rank's handler only sets a flag; at the next log step rank 0's flag is broadcast,
-all ranks write the checkpoint together (FSDP gathers from every rank), rank 0 runs `scontrol requeue`, and the
-next start resumes from that checkpoint. This replaces submitit's own handler, which checkpoints on rank 0
-alone. A signal counts as a timeout when it comes within signal_delay_s (+90 s: SLURM may signal up to a
-minute early) of the time limit, else as a preemption; timeouts are bounded by `resources.max_requeues`,
-preemptions are not.
+This is the login node's layer of three, as in submitit: launcher.cluster.sbatch (pure: spec -> sbatch options and
+text), this module (sweeps, the executor, run.json through launcher.runs) and launcher.cluster.job (what runs
+in every task of the job, including the requeue on SIGUSR2).
 
 Note: the run directory and its logs/ (where submitit keeps the pickled job, which a requeued job reruns)
 must be on a file system every node sees, and so must the data shards.
@@ -27,89 +20,32 @@ import contextlib
 import copy
 import io
 import itertools
-import json
 import logging
 import os
-import re
-import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
 import yaml
-from submitit.slurm.slurm import _make_sbatch_string
 
+from launcher import checkpoint as layout
 from launcher import runs
-from launcher.spec import JobSpec, SpecError, apply_override, check_environment, parse_spec, read_spec_file
+from launcher.cluster import queue
+from launcher.cluster.job import TrainingJob
+from launcher.cluster.sbatch import check_sbatch_safe, sbatch_script, slurm_parameters, tasks_per_node
+from launcher.spec import JobSpec, SpecError, apply_override, check_environment, parse_spec, read_spec_file, resume_conflict
 
 log = logging.getLogger("segjobs.submit")
-
-# Seconds of slack when telling a timeout from a preemption: SLURM may send --signal up to 60 s early.
-SIGNAL_SLACK_S = 90
 
 
 class SubmitError(Exception):
     """The scheduler refused the job, or the run is already running (exit status 1)."""
 
 
-# ---- pure: spec -> sbatch ---------------------------------------------------------------------------------
-def tasks_per_node(spec: JobSpec) -> int:
-    resources = spec.resources
-    return resources.tasks_per_node or max(resources.gpus_per_node, 1)
-
-
-def slurm_parameters(spec: JobSpec) -> dict:
-    """submitit's SlurmExecutor parameters for a spec's `resources`."""
-    resources = spec.resources
-    params = {
-        "job_name": spec.name, "time": resources.timeout_min, "nodes": resources.nodes,
-        "ntasks_per_node": tasks_per_node(spec), "cpus_per_task": resources.cpus_per_task,
-        "signal_delay_s": resources.signal_delay_s, "setup": list(resources.setup),
-        "additional_parameters": dict(resources.sbatch),
-    }
-    if resources.gpus_per_node:
-        params["gpus_per_node"] = resources.gpus_per_node
-    if resources.mem_gb:
-        params["mem"] = f"{int(resources.mem_gb * 1024)}M"
-    for key in ("partition", "account", "qos", "constraint", "exclude"):
-        if getattr(resources, key):
-            params[key] = getattr(resources, key)
-    return params
-
-
-def sbatch_script(spec: JobSpec, folder: Path, python: str = sys.executable, array_size: int | None = None) -> str:
-    """The sbatch script submitit writes for this spec: every value is shell-quoted on its #SBATCH line.
-    resources.setup lines are the user's own shell, copied as they are."""
-    command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **slurm_parameters(spec))
-
-
-def check_sbatch_safe(spec: JobSpec, folder: Path) -> None:
-    """Refuse what shell quoting cannot make safe on a #SBATCH line: control characters (a newline ends it)."""
-    values = {"run directory": str(folder)}
-    for key in ("partition", "account", "qos", "constraint", "exclude"):
-        values[f"resources.{key}"] = getattr(spec.resources, key) or ""
-    for key, value in spec.resources.sbatch.items():
-        if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
-            raise SpecError(f"resources.sbatch: {key!r} is not an sbatch option name (expected e.g. mail-type).")
-        values[f"resources.sbatch.{key}"] = value
-    for where, value in values.items():
-        if any(ord(c) < 32 for c in value):
-            raise SpecError(f"{where}: {value!r} contains a control character, which cannot go into an sbatch script.")
-
-
-def master_port(job_id: str) -> int:
-    """A port derived from the job id: two jobs sharing a node use different ports, a requeued job the same."""
-    return 20000 + zlib.crc32(job_id.encode()) % 20000
-
-
-# ---- submission -------------------------------------------------------------------------------------------
 @dataclass
 class Submission:
     spec: JobSpec
@@ -184,8 +120,8 @@ def check_not_running(run_dir: Path) -> None:
     job = runs.latest_job(record)
     if job is None or record.get("state") not in runs.ACTIVE_STATES:
         return
-    alive = (runs.local_job_alive(job["job_id"]) if job["cluster"] == "local"
-             else runs.poll_slurm([job["job_id"]]).get(job["job_id"], runs.JobState("UNKNOWN")).state in runs.ACTIVE_STATES)
+    alive = (queue.local_job_alive(job["job_id"]) if job["cluster"] == "local"
+             else queue.poll_slurm([job["job_id"]]).get(job["job_id"], queue.JobState("UNKNOWN")).state in runs.ACTIVE_STATES)
     if alive:
         raise SubmitError(f"{run_dir}: run {record.get('name')} is already {record['state'].lower()} as job {job['job_id']}; "
                           f"`segjobs cancel {record.get('name')}` first, or give the spec another name.")
@@ -193,13 +129,11 @@ def check_not_running(run_dir: Path) -> None:
 
 def check_resumable(spec: JobSpec, source: str) -> None:
     """A run directory with checkpoints is resumed by the job: refuse now (on the login node) what it would refuse."""
-    from launcher.train import resume_conflict
-
-    steps = sorted((spec.run_dir / "checkpoints").glob("step_*/meta.json"))
-    if steps:
-        conflict = resume_conflict(json.loads(steps[-1].read_text())["resume"], spec)
+    latest = layout.latest(layout.checkpoints_folder(spec.run_dir))
+    if latest is not None:
+        conflict = resume_conflict(layout.read_meta(latest)["resume"], spec)
         if conflict:
-            raise SpecError(f"{source}: cannot resume {steps[-1].parent}: {conflict}. Use another name or output_dir for a new run.")
+            raise SpecError(f"{source}: cannot resume {latest}: {conflict}. Use another name or output_dir for a new run.")
 
 
 def make_executor(cluster: str, folder: Path, spec: JobSpec):
@@ -268,20 +202,11 @@ def submit_all(submissions: list[Submission], folder: Path, cluster: str, source
 
 def record_submission(item: Submission, cluster: str, folder: Path) -> None:
     spec = item.spec
-    entry = {"job_id": item.job_id, "time": time.time(), "cluster": cluster, "log_folder": str(folder),
-             "overrides": item.overrides}
-
-    def change(record: dict) -> None:
-        record.setdefault("submissions", []).append(entry)
-        started = any(start["job_id"] == item.job_id for start in record.get("starts", []))
-        record.update(name=spec.name, model=spec.model.name, cluster=cluster, spec=spec.model_dump(mode="json"),
-                      nodes=spec.resources.nodes, gpus_per_node=spec.resources.gpus_per_node,
-                      tasks=spec.resources.nodes * tasks_per_node(spec), timeout_min=spec.resources.timeout_min)
-        if not started:  # a fast job may have started already
-            record.update(state="SUBMITTED", error=None)
-
-    runs.update_run(spec.run_dir, change)
-    runs.register(spec.run_dir)
+    runs.submitted(spec.run_dir, {"job_id": item.job_id, "time": time.time(), "cluster": cluster, "log_folder": str(folder),
+                                  "overrides": item.overrides},
+                   name=spec.name, model=spec.model.name, cluster=cluster, spec=spec.model_dump(mode="json"),
+                   nodes=spec.resources.nodes, gpus_per_node=spec.resources.gpus_per_node,
+                   tasks=spec.resources.nodes * tasks_per_node(spec), timeout_min=spec.resources.timeout_min)
 
 
 def submit(spec_path: str, cluster: str = "auto", overrides: list[str] = (), sweeps: list[str] = (),
@@ -333,101 +258,10 @@ def cancel(name: str) -> int:
         done = subprocess.run(["scancel", job["job_id"]], capture_output=True, text=True)
         if done.returncode != 0:
             raise SubmitError(f"scancel {job['job_id']} failed: {done.stderr.strip()}")
-    elif runs.local_job_alive(job["job_id"]):
+    elif queue.local_job_alive(job["job_id"]):
         os.kill(int(job["job_id"]), signal.SIGINT)  # submitit's local controller stops its tasks on SIGINT
-    runs.set_fields(run_dir, state="CANCELLED")
+    runs.cancelled(run_dir)
     print(f"{record.get('name', name)}\tjob {job['job_id']}\tcancelled")
     return 0
 
 
-# ---- inside the job ---------------------------------------------------------------------------------------
-def distributed_environment(env) -> dict[str, str]:
-    """torch.distributed's variables from submitit's view of the job (SLURM_* or the local executor's)."""
-    if env.num_tasks == 1:
-        return {}
-    return {"MASTER_ADDR": "127.0.0.1" if env.cluster == "local" else env.hostnames[0],
-            "MASTER_PORT": str(master_port(env.job_id)), "RANK": str(env.global_rank),
-            "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
-            "LOCAL_WORLD_SIZE": str(env.num_tasks // env.num_nodes)}
-
-
-class RequeueSignal:
-    """SIGUSR2 -> checkpoint on every rank at the next log step, then stop so that rank 0 requeues the job.
-    The handler only sets flags (it may interrupt a collective); rank 0's flags decide for all ranks."""
-
-    def __init__(self, spec: JobSpec, timeouts_so_far: int):
-        self.deadline = time.time() + 60 * spec.resources.timeout_min
-        self.signal_delay_s = spec.resources.signal_delay_s
-        self.timeouts_left = spec.resources.max_requeues - timeouts_so_far
-        self.reason: str | None = None
-        self.trainer = None
-        signal.signal(signal.SIGUSR2, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        timed_out = time.time() >= self.deadline - self.signal_delay_s - SIGNAL_SLACK_S
-        self.reason = "timeout" if timed_out else "preemption"
-        log.warning("SIGUSR2 (%s): checkpointing at the next log step", self.reason)
-        if self.trainer is not None:
-            self.trainer.request_checkpoint(stop=self.requeue_allowed)
-
-    @property
-    def requeue_allowed(self) -> bool:
-        return self.reason == "preemption" or self.timeouts_left > 0
-
-    def attach(self, trainer) -> None:
-        self.trainer = trainer
-        if self.reason is not None:  # the signal came while the trainer was being built
-            trainer.request_checkpoint(stop=self.requeue_allowed)
-
-
-class TrainingJob(submitit.helpers.Checkpointable):
-    """What every task of a submitted job runs: the distributed environment from SLURM, then the trainer.
-    Submitit pickles it once; a requeued job runs the same pickle again and the trainer resumes.
-
-    Note: SLURM may send SIGUSR2 up to a minute early, even while the job is still importing torch. The
-    handler is installed first thing; before that (while submitit unpickles the job) submitit's own handler
-    calls `checkpoint()`, inherited from Checkpointable: it requeues the job unchanged, and the next start
-    resumes from the latest checkpoint."""
-
-    def __init__(self, spec_yaml: str, source: str):
-        self.spec_yaml, self.source = spec_yaml, source
-
-    def __call__(self) -> dict:
-        env = submitit.JobEnvironment()
-        spec = parse_spec(yaml.safe_load(self.spec_yaml), self.source)
-        main = env.global_rank == 0
-        # The budget is per submission: `segjobs resume` starts a new job with max_requeues again.
-        timeouts = sum(1 for r in runs.read_run(spec.run_dir).get("requeues", [])
-                       if r["reason"] == "timeout" and r["job_id"] == env.job_id)
-        requeue = RequeueSignal(spec, timeouts)
-        os.environ.update(distributed_environment(env))
-        handler = logging.StreamHandler(sys.stdout)  # submitit logs to its own handler: no root handler here
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        logger = logging.getLogger("segjobs")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        # torch would use every core of the node, whatever the job was given
-        threads = str(min(int(os.environ.get("SLURM_CPUS_PER_TASK", spec.resources.cpus_per_task)), os.cpu_count() or 1))
-        os.environ.setdefault("OMP_NUM_THREADS", threads)
-        import torch
-
-        from launcher import train
-
-        torch.set_num_threads(int(threads))
-
-        try:
-            result = train.run_spec(spec, self.source, job_id=env.job_id, cluster=env.cluster,
-                                    restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), on_trainer=requeue.attach)
-        except Exception as exc:  # also before the trainer exists (a refused resume, missing data)
-            if main:
-                runs.set_fields(spec.run_dir, state="FAILED", error=f"{type(exc).__name__}: {exc}")
-            raise
-        if result["stopped"]:
-            if main:
-                runs.append(spec.run_dir, "requeues", {"job_id": env.job_id, "time": time.time(), "reason": requeue.reason,
-                                                       "step": result["step"]}, state="REQUEUED")
-                log.info("requeueing job %s after a %s at step %d", env.job_id, requeue.reason, result["step"])
-                env._requeue(requeue.timeouts_left)  # scontrol requeue (SLURM) or the local executor's exit code
-            sys.exit(0)  # not a result: the requeued job runs again
-        return {k: v for k, v in result.items() if k != "main"}

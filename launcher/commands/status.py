@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from launcher import checkpoint as layout
 from launcher import runs
+from launcher.cluster import queue
 
 RECENT_S = 7 * 86400
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-                "DEADLINE", "STOPPED"}
 
 
 @dataclass
@@ -75,21 +74,11 @@ def last_training_record(path: Path, tail_bytes: int = 16384) -> dict | None:
 
 
 def newest_checkpoint_time(run_dir: Path) -> float | None:
-    try:
-        names = [n for n in os.listdir(run_dir / "checkpoints") if n.startswith("step_")]
-    except FileNotFoundError:
-        return None
-    return (run_dir / "checkpoints" / max(names)).stat().st_mtime if names else None
+    latest = layout.latest(layout.checkpoints_folder(run_dir))
+    return latest.stat().st_mtime if latest is not None else None
 
 
-def process_alive(start: dict) -> bool:
-    """A foreground run (segjobs train) is alive while its process is, when seen from its own host."""
-    if start.get("host") != socket.gethostname() or not start.get("pid"):
-        return True  # cannot tell from here
-    return runs.local_job_alive(str(start["pid"]))
-
-
-def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row:
+def build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> Row:
     record = runs.read_run(run_dir)
     row = Row(name=record.get("name", run_dir.name), run_dir=str(run_dir), model=record.get("model", ""),
               state=record.get("state", "UNKNOWN"), nodes=record.get("nodes", 1), gpus_per_node=record.get("gpus_per_node", 0),
@@ -105,14 +94,14 @@ def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row
         waiting_after_requeue = seen.state == "PENDING" and row.state == "REQUEUED"
         row.state = "REQUEUED" if waiting_after_requeue else seen.state
         row.reason = seen.reason if seen.state == "PENDING" else ""
-        if seen.state in FINAL_STATES and record.get("state") != seen.state:
-            runs.set_fields(run_dir, state=seen.state)  # the last known state, once sacct forgets the job
+        if seen.state in runs.FINAL_STATES and record.get("state") != seen.state:
+            runs.settled(run_dir, seen.state)  # the last known state, once sacct forgets the job
     elif job is None or job["cluster"] != "slurm":  # local or foreground: its process tells whether it still runs
         if job is not None and record.get("timeout_min"):
             row.limit_s = 60 * record["timeout_min"]
         if row.active:
-            alive = runs.local_job_alive(job["job_id"]) if job is not None else start is None or process_alive(start)
-            row.state = row.state if alive else "STOPPED"
+            alive = queue.local_job_alive(job["job_id"]) if job is not None else start is None or queue.process_alive(start)
+            row.state = row.state if alive else runs.STOPPED
         if start is not None and (row.active or record.get("ended", 0) >= start["time"]):
             row.elapsed_s = (now if row.active else record["ended"]) - start["time"]
     if row.state == "TIMEOUT" and not row.error and record.get("spec"):
@@ -132,7 +121,7 @@ def build_row(run_dir: Path, slurm: dict[str, runs.JobState], now: float) -> Row
 def refresh_row(run_dir: Path) -> Row:
     """One run's row, asking SLURM about its latest job when it has one there."""
     job = runs.latest_job(runs.read_run(run_dir))
-    slurm = runs.poll_slurm([job["job_id"]]) if job is not None and job["cluster"] == "slurm" else {}
+    slurm = queue.poll_slurm([job["job_id"]]) if job is not None and job["cluster"] == "slurm" else {}
     return build_row(run_dir, slurm, time.time())
 
 
@@ -141,7 +130,7 @@ def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool =
     records = {d: runs.read_run(d) for d in run_dirs}
     slurm_jobs = [r["submissions"][-1]["job_id"] for r in records.values()
                   if r.get("submissions") and r["submissions"][-1]["cluster"] == "slurm"]
-    slurm = runs.poll_slurm(slurm_jobs) if poll else {}
+    slurm = queue.poll_slurm(slurm_jobs) if poll else {}
     now = time.time()
     rows = [build_row(d, slurm, now) for d in run_dirs]
     if not names and not show_all:

@@ -1,21 +1,48 @@
-"""Segmenter: per-pixel cross-entropy (ignore 255) on mmseg's ADE20K pipeline; mIoU evaluation."""
+"""Segmenter: per-pixel cross-entropy (ignore 255) on mmseg's ADE20K pipeline; mIoU evaluation; pictures of
+image | ground truth | prediction."""
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from launcher.evaluate import IGNORE_INDEX, SegmentationMetric
-from launcher.tasks import StepContext, Task, normalize, to_device
+from launcher.spec import SpecError
+from launcher.training.families.base import StepContext, Task, normalize, to_device, transformer_blocks
+from launcher.training.families.registry import register_family
+from launcher.training.metrics import IGNORE_INDEX, SegmentationMetric
+from launcher.training.pictures import grid, overlay, to_batch
 from models.segmenter import sliding_window_logits
-from shards.transforms import SegmenterEval, SegmenterTrain
+from shards.transforms import SegmenterEval, SegmenterTrain, rescale_size
+
+log = logging.getLogger("segjobs.train")
 
 
+@register_family("segmenter")
 class SegmenterTask(Task):
     eval_modes = ("whole", "slide")
+    shortcut_spec = "jobs/segmenter_tiny16.yaml"
+
     def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
         super().__init__(spec, accelerator, steps_per_epoch, total_steps)
         self.num_classes = self.model.config.num_classes
+
+    @classmethod
+    def shortcut_pretrained(cls, pretrained: str) -> list[str]:
+        # No DINO backbone has Tiny's width: the pretrained Segmenter is Small/16 on DINO ViT-S/16 weights.
+        log.info("--pretrained: training segmenter_s16_mask from DINO ViT-S/16 weights")
+        return ["model.name=segmenter_s16_mask", f"model.pretrained={pretrained or 'dino_vits16'}"]
+
+    def check_data(self, manifest) -> None:
+        if manifest.num_classes != self.num_classes:
+            raise SpecError(f"model.options.num_classes: {self.spec.model.name} predicts {self.num_classes} classes but "
+                            f"the training shards ({self.spec.data.train}) have {manifest.num_classes}; "
+                            f"set model.options.num_classes={manifest.num_classes}.")
+
+    def shard_units(self, module):
+        return transformer_blocks(module)
 
     @staticmethod
     def train_pipeline(spec):
@@ -63,3 +90,15 @@ class SegmenterTask(Task):
             metric.all_reduce()
         self.model.train()
         return metric.compute()
+
+    @torch.no_grad()
+    def pictures(self, samples, device) -> dict:
+        """image | ground truth | prediction per sample, each class in its colour."""
+        rows = []
+        for image, label in samples:
+            width, height = rescale_size(image.shape[1], image.shape[0], tuple(self.spec.data.scale))
+            logits = self.model(normalize(to_batch(image, (height, width), device)))
+            prediction = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear").argmax(1)[0].cpu().numpy()
+            truth = label if label is not None else np.full(image.shape[:2], IGNORE_INDEX)
+            rows.append([image, overlay(image, truth), overlay(image, prediction)])
+        return {"segmenter.png": grid(rows)}

@@ -1,0 +1,128 @@
+"""Inside a submitted job: the distributed environment from SLURM, the requeue signal, the trainer call.
+
+Requeue: SLURM sends SIGUSR2 `resources.signal_delay_s` before the time limit (and a preempting scheduler may
+send it at any time). Every rank's handler only sets a flag; at the next log step rank 0's flag is broadcast,
+all ranks write the checkpoint together (FSDP gathers from every rank), rank 0 runs `scontrol requeue`, and the
+next start resumes from that checkpoint. This replaces submitit's own handler, which checkpoints on rank 0
+alone. A signal counts as a timeout when it comes within signal_delay_s (+90 s: SLURM may signal up to a
+minute early) of the time limit, else as a preemption; timeouts are bounded by `resources.max_requeues`,
+preemptions are not.
+
+Nothing here imports torch at import time: the login node pickles TrainingJob without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import zlib
+
+import submitit
+import yaml
+
+from launcher import runs
+from launcher.spec import JobSpec, parse_spec
+
+log = logging.getLogger("segjobs.submit")
+
+# Seconds of slack when telling a timeout from a preemption: SLURM may send --signal up to 60 s early.
+SIGNAL_SLACK_S = 90
+
+
+def master_port(job_id: str) -> int:
+    """A port derived from the job id: two jobs sharing a node use different ports, a requeued job the same."""
+    return 20000 + zlib.crc32(job_id.encode()) % 20000
+
+
+def distributed_environment(env) -> dict[str, str]:
+    """torch.distributed's variables from submitit's view of the job (SLURM_* or the local executor's)."""
+    if env.num_tasks == 1:
+        return {}
+    return {"MASTER_ADDR": "127.0.0.1" if env.cluster == "local" else env.hostnames[0],
+            "MASTER_PORT": str(master_port(env.job_id)), "RANK": str(env.global_rank),
+            "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.num_tasks // env.num_nodes)}
+
+
+class RequeueSignal:
+    """SIGUSR2 -> checkpoint on every rank at the next log step, then stop so that rank 0 requeues the job.
+    The handler only sets flags (it may interrupt a collective); rank 0's flags decide for all ranks."""
+
+    def __init__(self, spec: JobSpec, timeouts_so_far: int):
+        self.deadline = time.time() + 60 * spec.resources.timeout_min
+        self.signal_delay_s = spec.resources.signal_delay_s
+        self.timeouts_left = spec.resources.max_requeues - timeouts_so_far
+        self.reason: str | None = None
+        self.trainer = None
+        signal.signal(signal.SIGUSR2, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        timed_out = time.time() >= self.deadline - self.signal_delay_s - SIGNAL_SLACK_S
+        self.reason = "timeout" if timed_out else "preemption"
+        log.warning("SIGUSR2 (%s): checkpointing at the next log step", self.reason)
+        if self.trainer is not None:
+            self.trainer.request_checkpoint(stop=self.requeue_allowed)
+
+    @property
+    def requeue_allowed(self) -> bool:
+        return self.reason == "preemption" or self.timeouts_left > 0
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+        if self.reason is not None:  # the signal came while the trainer was being built
+            trainer.request_checkpoint(stop=self.requeue_allowed)
+
+
+class TrainingJob(submitit.helpers.Checkpointable):
+    """What every task of a submitted job runs: the distributed environment from SLURM, then the trainer.
+    Submitit pickles it once; a requeued job runs the same pickle again and the trainer resumes.
+
+    Note: SLURM may send SIGUSR2 up to a minute early, even while the job is still importing torch. The
+    handler is installed first thing; before that (while submitit unpickles the job) submitit's own handler
+    calls `checkpoint()`, inherited from Checkpointable: it requeues the job unchanged, and the next start
+    resumes from the latest checkpoint."""
+
+    def __init__(self, spec_yaml: str, source: str):
+        self.spec_yaml, self.source = spec_yaml, source
+
+    def __call__(self) -> dict:
+        env = submitit.JobEnvironment()
+        spec = parse_spec(yaml.safe_load(self.spec_yaml), self.source)
+        main = env.global_rank == 0
+        # The budget is per submission: `segjobs resume` starts a new job with max_requeues again.
+        timeouts = sum(1 for r in runs.read_run(spec.run_dir).get("requeues", [])
+                       if r["reason"] == "timeout" and r["job_id"] == env.job_id)
+        requeue = RequeueSignal(spec, timeouts)
+        os.environ.update(distributed_environment(env))
+        handler = logging.StreamHandler(sys.stdout)  # submitit logs to its own handler: no root handler here
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger = logging.getLogger("segjobs")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        # torch would use every core of the node, whatever the job was given
+        threads = str(min(int(os.environ.get("SLURM_CPUS_PER_TASK", spec.resources.cpus_per_task)), os.cpu_count() or 1))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        import torch
+
+        from launcher.training.trainer import run_spec
+
+        torch.set_num_threads(int(threads))
+
+        try:
+            result = run_spec(spec, self.source, job_id=env.job_id, cluster=env.cluster,
+                                    restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), on_trainer=requeue.attach)
+        except Exception as exc:  # also before the trainer exists (a refused resume, missing data)
+            if main:
+                runs.failed(spec.run_dir, f"{type(exc).__name__}: {exc}")
+            raise
+        if result["stopped"]:
+            if main:
+                runs.requeued(spec.run_dir, env.job_id, requeue.reason, result["step"])
+                log.info("requeueing job %s after a %s at step %d", env.job_id, requeue.reason, result["step"])
+                env._requeue(requeue.timeouts_left)  # scontrol requeue (SLURM) or the local executor's exit code
+            sys.exit(0)  # not a result: the requeued job runs again
+        return {k: v for k, v in result.items() if k != "main"}

@@ -1,0 +1,144 @@
+"""`segjobs visualize`: the pictures of a trained model, written under runs/<name>/pictures/.
+
+    segjobs visualize demo_segmenter                 # image | ground truth | prediction, ADE20K colours
+    segjobs visualize demo_wnet                      # image | segmentation (a colour per cluster) | reconstruction
+    segjobs visualize demo_dino                      # per-head CLS attention and its 60%-mass masks
+    segjobs visualize demo_dino --frames ~/frames    # + attention.gif over a folder of frames
+    segjobs visualize dino_vits8_pretrain.pth --model dino_vits8 --frames ~/frames --out pictures
+    segjobs visualize demo_segmenter demo_wnet demo_dino --curves   # loss and mIoU curves of several runs
+
+What each picture shows is the family's (its Task's `pictures` and `frame_picture`); this module finds the
+model, the samples and the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from launcher import runs
+from launcher.spec import SpecError
+
+log = logging.getLogger("segjobs.visualize")
+
+
+def validation_samples(spec, count: int, split: str = "validation") -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The first `count` samples of a split as (H x W x 3 uint8 image, H x W label with 255 ignored, or None)."""
+    from launcher.commands.eval import split_folder
+    from shards.loader import build_loader
+
+    def raw(image: Image.Image, label: np.ndarray | None, rng) -> dict:
+        return {"image": np.asarray(image.convert("RGB")), **({"label": label} if label is not None else {})}
+
+    loader = build_loader(split_folder(spec, split), raw, batch_size=1, rank=0, world_size=1, train=False,
+                          seed=spec.seed, num_workers=0)
+    samples = []
+    try:
+        for batch in loader:
+            image = batch["image"][0] if isinstance(batch["image"], list) else batch["image"][0]
+            label = batch["label"][0] if "label" in batch else None
+            samples.append((np.asarray(image), None if label is None else np.asarray(label)))
+            if len(samples) == count:
+                break
+    finally:
+        loader.close()
+    return samples
+
+
+def curves_picture(run_dirs: list[Path], out: Path) -> Path:
+    """Training loss (left) and validation mIoU (right) against the step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, miou_axis) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for run_dir in run_dirs:
+        path = run_dir / "metrics.jsonl"
+        if not path.exists():
+            raise SpecError(f"{run_dir}: no metrics.jsonl to plot.")
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval" in r]
+        name = runs.read_run(run_dir).get("name", run_dir.name)
+        loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+        if evals:
+            miou_axis.plot([r["step"] for r in evals], [r["eval"]["miou"] for r in evals], marker="o", label=name)
+    loss_axis.set(title="training loss", xlabel="step", yscale="log")
+    miou_axis.set(title="validation mIoU (unsupervised for W-Net, DINO)", xlabel="step", ylim=(0, 1))
+    for axis in (loss_axis, miou_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+    return out
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+def frames_gif(task_class, network, frames_dir: Path, out: Path, device, duration_ms: int = 120) -> Path:
+    """An animated GIF: the family's frame picture of every image of `frames_dir`, in name order."""
+    paths = sorted(p for p in frames_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not paths:
+        raise SpecError(f"--frames {frames_dir}: no .jpg or .png images there.")
+    frames = [task_class.frame_picture(network, np.asarray(Image.open(p).convert("RGB")), device) for p in paths]
+    frames[0].save(out, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return out
+
+
+def backbone_file(path: Path, model: str, device):
+    """A weights file of a registered variant (e.g. an official DINO checkpoint) as (Task class, network)."""
+    import models
+    from launcher.training.families import task_for_model
+
+    try:
+        task_class = task_for_model(model)
+    except KeyError:
+        raise SpecError(f"--model {model}: not a registered model (see `segjobs models`).") from None
+    return task_class, models.create(model, pretrained=str(path)).to(device).eval()
+
+
+def visualize(targets: list[str], curves: bool = False, frames: Path | None = None, samples: int = 4,
+              model: str = "dino_vits8", out: Path | None = None, overrides: list[str] = ()) -> list[Path]:
+    from launcher.training.restore import output_folder, restore
+
+    written = []
+    if curves:
+        run_dirs = [runs.resolve_run(t) for t in targets]
+        folder = out or run_dirs[0] / "pictures"
+        folder.mkdir(parents=True, exist_ok=True)
+        return [curves_picture(run_dirs, folder / "curves.png")]
+    for target in targets:
+        if Path(target).is_file():  # a weights file: frame animations only
+            if frames is None:
+                raise SpecError(f"{target}: a weights file has no validation data; pass --frames DIR.")
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            task_class, network = backbone_file(Path(target), model, device)
+            folder = out or Path("pictures")
+        else:
+            spec, task, accelerator, checkpoint = restore(target, overrides)
+            device, folder = accelerator.device, out or output_folder(checkpoint) / "pictures"
+            task_class, network = type(task), task.picture_network()
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, picture in task.pictures(validation_samples(spec, samples), device).items():
+                picture.save(folder / name)
+                written.append(folder / name)
+        if frames is not None:
+            if task_class.frames_name is None:
+                raise SpecError(f"--frames: the {task_class.family} family draws no frame animation ({target}); "
+                                "DINO runs and backbone files do.")
+            folder.mkdir(parents=True, exist_ok=True)
+            written.append(frames_gif(task_class, network, Path(frames), folder / task_class.frames_name, device))
+    return written
+
+
+def main(targets: list[str], curves: bool, frames: Path | None, samples: int, model: str, out: Path | None,
+         overrides: list[str]) -> int:
+    for path in visualize(targets, curves, frames, samples, model, out, overrides):
+        print(path)
+    return 0

@@ -1,0 +1,70 @@
+"""What a run reports while it trains: metrics.jsonl (the record), a rich progress bar and TensorBoard (views).
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
+    metrics.write({"step": 10, "epoch": 0, "loss": 2.31, "lr": 1e-4, "samples_per_s": 52.0})
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class MetricsLog:
+    """runs/<name>/metrics.jsonl, written by rank 0: one JSON object per line."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines past the checkpoint, which the resumed run writes again."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class LiveView:
+    """What a person watches: a rich progress bar on a terminal (rank 0), TensorBoard scalars when the
+    tensorboard package is installed. Both optional; metrics.jsonl is the record."""
+
+    def __init__(self, run_dir: Path, total: int, done: int, enabled: bool):
+        self.bar = self.writer = None
+        if not enabled:
+            return
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task("train", total=total, completed=done, info="")
+            self.bar.start()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def update(self, step: int, record: dict | None = None) -> None:
+        if self.bar is not None:
+            info = f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} img/s" if record and "loss" in record else None
+            self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+        if self.writer is not None and record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.writer.add_scalar(key, value, step)
+            for key, value in record.get("eval", {}).items():
+                self.writer.add_scalar(f"eval/{key}", value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.writer is not None:
+            self.writer.close()

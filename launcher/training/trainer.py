@@ -1,0 +1,295 @@
+"""The training loop, the same for every model family (the family's Task supplies the rest).
+
+    run_spec(load_spec("jobs/demo_segmenter.yaml"), "jobs/demo_segmenter.yaml")   # what every rank runs
+
+Started by `segjobs train`, `-m launcher.train` (accelerate launch, torchrun) or a SLURM job
+(launcher.cluster.job). Rank and world size come from the environment. A run directory that already holds
+checkpoints is resumed from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from launcher import checkpoint as layout
+from launcher import runs
+from launcher.spec import JobSpec, SpecError, check_environment, resume_conflict, resume_fingerprint
+from launcher.training.checkpointer import Checkpointer, set_rng_state
+from launcher.training.families import task_for_model
+from launcher.training.families.base import StepContext
+from launcher.training.metrics_log import LiveView, MetricsLog
+from launcher.training.parallel import build_accelerator, make_wrap, raw_optimizer
+from launcher.training.schedules import learning_rates, weight_decays
+
+log = logging.getLogger("segjobs.train")
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken
+    samples: int = 0  # training samples consumed, all ranks
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, source: str):
+        from accelerate.utils import set_seed
+
+        from shards.loader import build_loader
+
+        self.spec, self.source = spec, source
+        task_class = task_for_model(spec.model.name)
+        if not task_class.supports_grad_accum and spec.train.grad_accum != 1:
+            raise SpecError(f"{source}: train.grad_accum: {spec.model.name} takes several optimizer steps per batch; "
+                            f"expected 1, found {spec.train.grad_accum}.")
+        cuda = torch.cuda.is_available()
+        if spec.train.precision == "fp16" and not cuda:
+            raise SpecError(f"{source}: train.precision: fp16 needs a GPU; use bf16 or no on CPU.")
+        self.accelerator = accelerator = build_accelerator(spec.train.precision, spec.train.grad_accum,
+                                                            task_class.ddp_find_unused_parameters)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        if not accelerator.is_main_process:
+            logging.getLogger("segjobs").setLevel(logging.WARNING)  # progress is logged by rank 0
+        self.run_dir = spec.run_dir
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", accelerator.is_main_process)
+
+        loader_options = dict(seed=spec.seed, num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer,
+                              skip_corrupt=spec.data.skip_corrupt, pin_memory=cuda)
+        self.train_loader = build_loader(spec.data.train, task_class.train_pipeline(spec), batch_size=spec.data.batch_size,
+                                         rank=self.rank, world_size=self.world, **loader_options)
+        self.eval_loader = None
+        if spec.data.val is not None:
+            # Every rank evaluates the whole split when the task needs it (k-means) or under FSDP, whose
+            # all-gathers need the same number of forwards on every rank.
+            sharded = task_class.eval_sharded and spec.train.strategy != "fsdp"
+            self.eval_loader = build_loader(spec.data.val, task_class.eval_pipeline(spec), batch_size=spec.data.eval_batch_size,
+                                            rank=self.rank if sharded else 0, world_size=self.world if sharded else 1,
+                                            train=False, **{**loader_options, "pin_memory": False})
+        self.steps_per_epoch = max(len(self.train_loader) // spec.train.grad_accum, 1)
+        limits = [n for n in (spec.train.max_steps, spec.train.epochs and spec.train.epochs * self.steps_per_epoch) if n]
+        self.total_steps = min(limits)
+        set_seed(spec.seed)  # identical initial weights on every rank
+        self.task = task_class(spec, accelerator, self.steps_per_epoch, self.total_steps)
+        self.task.check_data(self.train_loader.manifest)
+        wrap = make_wrap(accelerator, spec.train.strategy, spec.train.compile, channels_last=task_class.channels_last,
+                         shard_units=self.task.shard_units)
+        self.task.parallel_wrap(wrap)
+        self.task.optimizers = [accelerator.prepare_optimizer(o) for o in self.task.optimizers]
+        self.lrs = learning_rates(spec, self.total_steps)
+        self.wds = weight_decays(spec, self.total_steps)
+        self.checkpointer = Checkpointer(layout.checkpoints_folder(self.run_dir), spec.checkpoint.keep, self.rank, self.world)
+        self.progress = Progress()
+        self.checkpoint_requested = self.stop_requested = self.stopped = False
+        if not self._resume():
+            # Dropout and drop path differ across ranks, as in the references (seed + rank).
+            set_seed(spec.seed + self.rank + self.progress.step)
+        if accelerator.is_main_process:  # only now: a refused resume leaves the run directory untouched
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "spec.yaml").write_text(spec.to_yaml())
+        accelerator.wait_for_everyone()
+
+    def request_checkpoint(self, stop: bool = False) -> None:
+        """Ask for a checkpoint at the next log step and, with stop=True, to end the run after it (SIGUSR2 before
+        a requeue). Only sets flags, so a signal handler may call it; rank 0's flags decide for every rank."""
+        self.checkpoint_requested = True
+        self.stop_requested = self.stop_requested or stop
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Collective: every rank calls it (FSDP gathers the full weights for rank 0)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model = self.task.model
+        shared = {
+            "model": get_model_state_dict(model, options=options),
+            "optimizers": [get_optimizer_state_dict(model, raw_optimizer(o), options=options) for o in self.task.optimizers],
+            "task": self.task.extra_state(),
+            "loader": self.train_loader.state_dict(),
+            "progress": vars(self.progress).copy(),
+        }
+        # The spec travels with the checkpoint: `segjobs eval` and `visualize` rebuild the model from it alone.
+        meta = {"resume": resume_fingerprint(self.spec), "time": time.time(), "spec": self.spec.model_dump(mode="json")}
+        path = self.checkpointer.save(self.progress.step, shared if self.rank == 0 else None, meta)
+        log.info("checkpoint %s", path)
+        return path
+
+    def _resume(self) -> bool:
+        """Load the latest checkpoint, if any; True when this rank's RNG state was restored too."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return False
+        shared, meta, rng = self.checkpointer.load(latest)
+        conflict = resume_conflict(meta["resume"], self.spec)
+        if conflict:
+            raise SpecError(f"{self.source}: cannot resume {latest}: {conflict}. Use another name or output_dir for a new run.")
+        options = StateDictOptions(full_state_dict=True)
+        model = self.task.model
+        set_model_state_dict(model, shared["model"], options=options)
+        # Not strict: a parameter that never had a gradient (DINO's last layer in its first epoch) has no
+        # optimizer state in the checkpoint, exactly as in the run that wrote it.
+        optimizer_options = StateDictOptions(full_state_dict=True, strict=False)
+        for optimizer, state in zip(self.task.optimizers, shared["optimizers"]):
+            set_optimizer_state_dict(model, raw_optimizer(optimizer), state, options=optimizer_options)
+        self.task.load_extra_state(shared["task"])
+        self.train_loader.load_state_dict(shared["loader"])
+        self.progress = Progress(**shared["progress"])
+        if rng is not None:
+            set_rng_state(rng)
+        self.metrics.truncate_after(self.progress.step)
+        elastic = "" if meta["world_size"] == self.world else f" with {self.world} processes instead of {meta['world_size']} (elastic: the loader splits the rest of the epoch)"
+        log.info("resumed from %s at step %d%s", latest, self.progress.step, elastic)
+        return rng is not None
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        if self.progress.step >= self.total_steps:
+            log.info("already trained %d steps", self.progress.step)
+        view = LiveView(self.run_dir, self.total_steps, self.progress.step, self.accelerator.is_main_process)
+        try:
+            last_eval = self._loop(view)
+        finally:
+            view.close()
+        return {"step": self.progress.step, "total_steps": self.total_steps, "eval": last_eval,
+                "stopped": self.stopped, "main": self.accelerator.is_main_process}
+
+    def _loop(self, view: LiveView) -> dict | None:
+        spec, accelerator = self.spec, self.accelerator
+        batch_size = spec.data.batch_size * self.world
+        running: dict[str, torch.Tensor] = {}
+        window_start, wait, window_samples = time.perf_counter(), 0.0, 0
+        paused = 0.0  # seconds of checkpointing and evaluation inside the current window
+        last_checkpoint = time.monotonic()
+        last_eval: dict | None = None
+        while self.progress.step < self.total_steps and not self.stopped:
+            epoch = self.train_loader.epoch
+            batches = iter(self.train_loader)
+            while self.progress.step < self.total_steps:
+                fetch = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                wait += time.perf_counter() - fetch
+                step = self.progress.step
+                for optimizer in self.task.optimizers:
+                    for group in optimizer.param_groups:
+                        group["lr"] = float(self.lrs[step])
+                        if group.get("decay"):
+                            group["weight_decay"] = float(self.wds[step])
+                losses = self.task.train_step(batch, StepContext(step=step, epoch=epoch, accelerator=accelerator))
+                for name, value in losses.items():
+                    running[name] = running.get(name, 0) + value
+                window_samples += batch_size
+                self.progress.samples += batch_size
+                if not accelerator.sync_gradients:
+                    continue
+                self.progress.step += 1
+                step = self.progress.step
+                if step % spec.train.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start - paused
+                    record = {"step": step, "epoch": epoch, "lr": float(self.lrs[step - 1]),
+                              "samples_per_s": window_samples / elapsed, "data_wait": wait / elapsed,
+                              "skipped": self.train_loader.skipped}
+                    for name, total in running.items():
+                        record[name] = accelerator.reduce(total.detach().float(), reduction="mean").item() / (
+                            window_samples // batch_size)
+                    if torch.cuda.is_available():
+                        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    self.metrics.write(record)
+                    view.update(step, record)
+                    log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps, record["loss"], record["lr"], record["samples_per_s"])
+                    running, window_start, wait, window_samples, paused = {}, time.perf_counter(), 0.0, 0, 0.0
+                    # Time and signals differ across ranks: rank 0 decides, at log steps (already a sync point).
+                    overdue = bool(spec.checkpoint.every_minutes) and time.monotonic() - last_checkpoint > 60 * spec.checkpoint.every_minutes
+                    save, stop = self._agree(overdue or self.checkpoint_requested, self.stop_requested)
+                    if save or stop:
+                        self.save()
+                        self.checkpoint_requested = False
+                        last_checkpoint = time.monotonic()
+                    if stop:
+                        self.stopped = True
+                        log.info("stopping at step %d after the checkpoint, as requested", step)
+                        break
+                else:
+                    view.update(step)
+                pause_start = time.perf_counter()
+                if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0 and step < self.total_steps:
+                    self.save()
+                    last_checkpoint = time.monotonic()
+                if self.eval_loader is not None and spec.train.eval_every and step % spec.train.eval_every == 0 and step < self.total_steps:
+                    last_eval = self.evaluate()
+                paused += time.perf_counter() - pause_start
+        if self.stopped:
+            self.train_loader.close()
+            return last_eval
+        if self.checkpointer.latest() is None or self.checkpointer.steps()[-1] != self.progress.step:
+            self.save()
+        if self.eval_loader is not None:
+            last_eval = self.evaluate()
+            view.update(self.progress.step, {"eval": {k: v for k, v in last_eval.items() if k != "iou"}})
+        self.train_loader.close()
+        return last_eval
+
+    def _agree(self, *decisions: bool) -> list[bool]:
+        """Rank 0's decisions, on every rank (time and signals differ across ranks; the ranks must not)."""
+        flags = torch.tensor([1.0 if d else 0.0 for d in decisions], device=self.accelerator.device)
+        if self.world > 1:
+            torch.distributed.broadcast(flags, src=0)
+        return [bool(f) for f in flags.tolist()]
+
+    def evaluate(self) -> dict:
+        result = self.task.evaluate(self.eval_loader, self.accelerator)
+        step = self.progress.step
+        if self.accelerator.is_main_process:
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            (self.run_dir / "eval" / f"{layout.step_name(step)}.json").write_text(json.dumps(result, indent=1))
+            self.metrics.write({"step": step, "epoch": self.train_loader.epoch,
+                                "eval": {k: v for k, v in result.items() if k != "iou"}})
+        log.info("eval at step %d: mIoU %.4f, pixel accuracy %.4f", step, result["miou"], result["pixel_acc"])
+        return result
+
+
+def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str = "foreground", restart_count: int = 0,
+             on_trainer: Callable[[Trainer], None] | None = None) -> dict:
+    """Build the trainer and run it, keeping run.json and the run index up to date (rank 0).
+    `on_trainer` sees the trainer before the loop starts (the SLURM job attaches its signal handler)."""
+    check_environment(spec, source)
+    trainer = Trainer(spec, source)
+    main = trainer.accelerator.is_main_process
+    if main:
+        start = {"job_id": job_id, "time": time.time(), "restart_count": restart_count, "world_size": trainer.world,
+                 "host": socket.gethostname(), "pid": os.getpid()}
+        runs.started(trainer.run_dir, start, name=spec.name, model=spec.model.name, cluster=cluster,
+                     total_steps=trainer.total_steps, global_batch=spec.data.batch_size * spec.train.grad_accum * trainer.world)
+    if on_trainer is not None:
+        on_trainer(trainer)
+    try:
+        result = trainer.run()
+    except (Exception, KeyboardInterrupt) as exc:
+        if main:
+            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                runs.cancelled(trainer.run_dir, error)
+            else:
+                runs.failed(trainer.run_dir, error)
+        raise
+    finally:
+        trainer.train_loader.close()
+    if main and not result["stopped"]:
+        runs.completed(trainer.run_dir)
+    # Only after a clean run: a rank that failed must not wait in a barrier that another rank, stuck in a
+    # collective, never reaches. Destroying the group before exit keeps gloo's threads from aborting.
+    if trainer.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
