@@ -137,15 +137,15 @@ class DinoTask(Task):
         """Per sample, a row of the teacher's per-head attention maps and a row of their 60%-mass masks."""
         network, rows = self.picture_network(), []
         for image, _ in samples:
-            shown, attention, masks = attention(network, image, device)
-            rows.append([shown, *(heatmap(a) for a in attention)])
+            shown, maps, masks = attention_views(network, image, device)
+            rows.append([shown, *(heatmap(a) for a in maps)])
             rows.append([shown, *(overlay(shown, np.where(m > 0, 0, IGNORE_INDEX), alpha=0.6) for m in masks)])
         return {"dino_attention.png": grid(rows)}
 
     @classmethod
     def frame_picture(cls, network, image, device) -> Image.Image:
         """image | mean attention over heads | the union of the heads' 60%-mass masks."""
-        shown, maps, masks = attention(network, image, device)
+        shown, maps, masks = attention_views(network, image, device)
         mask = np.where(masks.max(0) > 0, 0, IGNORE_INDEX)
         return grid([[shown, heatmap(maps.mean(0)), overlay(shown, mask, alpha=0.6)]])
 
@@ -157,7 +157,7 @@ def patch_multiple(height: int, width: int, patch: int, shorter: int) -> tuple[i
 
 
 @torch.no_grad()
-def attention(network, image: np.ndarray, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def attention_views(network, image: np.ndarray, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image resized, heads x h x w attention upsampled to it, heads x h x w 60%-mass masks) for one image."""
     patch = network.config.backbone.patch_size
     height, width = patch_multiple(image.shape[0], image.shape[1], patch, ATTENTION_SIZE)
