@@ -4,16 +4,23 @@
     runs/<name>/checkpoints/.tmp_step_00001000/   a save in progress (never read)
 
 Only complete checkpoints carry a `step_NNNNNNNN` name (launcher.training.checkpointer writes them into a
-`.tmp_` folder and renames it), so whatever this module lists can be loaded. Names sort by step.
+`.tmp_` folder and renames it). meta.json, written last, lists every other file's size and sha256, so a
+checkpoint damaged afterwards (a truncated copy, a disk error, an edit) is found by `verify` before it is
+loaded; `set_aside` renames such a folder to `damaged_step_NNNNNNNN[.K]` (never deleted). Names sort by step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint where one is needed, or one could not be written (exit status 1)."""
 
 
 def step_name(step: int) -> str:
@@ -53,3 +60,50 @@ def read_meta(checkpoint: Path) -> dict:
 def is_checkpoint(path: Path) -> bool:
     """A checkpoint folder as the trainer writes it (possibly copied elsewhere, under any name)."""
     return (Path(path) / "meta.json").is_file() and (Path(path) / "shared.pt").is_file()
+
+
+def file_record(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when every file is as meta.json records it.
+    Checkpoints written before meta.json listed its files are checked for the files themselves only."""
+    checkpoint = Path(checkpoint)
+    try:
+        meta = read_meta(checkpoint)
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as exc:
+        return f"meta.json is unreadable ({exc})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if files is None:
+        return None if (checkpoint / "shared.pt").is_file() else "shared.pt is missing"
+    if not isinstance(files, dict) or "shared.pt" not in files:
+        return "meta.json lists no shared.pt"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if Path(name).name != name or not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, meta.json records {expected.get('bytes')}"
+        if file_record(path)["sha256"] != expected.get("sha256"):
+            return f"{name} does not match its sha256 in meta.json"
+    return None
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint folder out of the step_ names (kept for inspection, never deleted)."""
+    checkpoint = Path(checkpoint)
+    target = checkpoint.with_name(f"damaged_{checkpoint.name}")
+    index = 1
+    while target.exists():
+        target = checkpoint.with_name(f"damaged_{checkpoint.name}.{index}")
+        index += 1
+    checkpoint.rename(target)
+    return target

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=parse_size, default=(256, 320), help="image size HxW (default 256x320)")
     synth.add_argument("--classes", type=int, default=8, help="classes in use, spread over 1..150 (default 8)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--force", action="store_true", help="write into a folder that already holds files")
 
     shard = commands.add_parser("shard", help="pack a dataset into WebDataset tar shards, or verify shards")
     kinds = shard.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     packing.add_argument("--max-shard-bytes", type=float, default=1e9, help="size cap per tar (default 1e9)")
     packing.add_argument("--workers", type=int, default=1, help="processes decoding samples (default 1)")
     packing.add_argument("--strict", action="store_true", help="fail (exit 1) if any sample is rejected")
+    packing.add_argument("--force", action="store_true",
+                         help="replace shards in the output that were not written from this source (listed otherwise)")
 
     ade = kinds.add_parser("ade20k", parents=[packing], help="ADEChallengeData2016 -> <out>/<split>/*.tar")
     ade.add_argument("src", type=Path, help="the ADEChallengeData2016 folder")
@@ -169,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_status(exc: Exception) -> int | None:
     """The exit status for an error a user can cause; None for a bug (which keeps its traceback)."""
+    from launcher.checkpoint import CheckpointError
     from launcher.cluster.submit import SubmitError
-    from launcher.runs import RunError
+    from launcher.runs import RunError, RunLockedError
     from launcher.spec import SpecError
     from shards.errors import BadSourceError, ShardsError
 
     if isinstance(exc, (BadSourceError, SpecError, RunError)):
         return USAGE_ERROR
-    if isinstance(exc, (ShardsError, SubmitError)):
+    if isinstance(exc, (ShardsError, SubmitError, RunLockedError, CheckpointError)):
         return WORK_FAILED
     if type(exc).__name__ == "PretrainedError":  # models.pretrained; not imported here, it imports torch
         return USAGE_ERROR
@@ -187,14 +191,14 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "synth":
         from launcher.commands import data
 
-        return data.synth(args.out, args.train, args.val, args.size, args.classes, args.seed)
+        return data.synth(args.out, args.train, args.val, args.size, args.classes, args.seed, args.force)
     if args.command == "shard":
         from launcher.commands import data
 
         if args.kind == "verify":
             return data.verify(args.dir)
         options = dict(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
-                       workers=args.workers, strict=args.strict)
+                       workers=args.workers, strict=args.strict, force=args.force)
         if args.kind == "ade20k":
             splits = args.splits.split(",") if args.splits else None
             return data.shard_ade20k(args.src, args.out, splits, **options)

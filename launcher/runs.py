@@ -16,13 +16,19 @@ Note: on a cluster, run directories and $SEGJOBS_HOME must be on a file system e
 
 from __future__ import annotations
 
-import fcntl
 import json
+import logging
 import os
+import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from filelock import SoftFileLock, Timeout
+
+log = logging.getLogger("segjobs.runs")
 
 # segjobs' own states; the others below are SLURM's words for a job, as sacct and squeue print them.
 SUBMITTED, RUNNING, REQUEUED, COMPLETED, FAILED, CANCELLED = "SUBMITTED", "RUNNING", "REQUEUED", "COMPLETED", "FAILED", "CANCELLED"
@@ -32,8 +38,41 @@ FINAL_STATES = {COMPLETED, FAILED, CANCELLED, TIMEOUT, "OUT_OF_MEMORY", "NODE_FA
                 "DEADLINE", STOPPED}
 
 
+LOCK_TIMEOUT_S = 60  # run.json and the index are held for milliseconds: a longer wait means a stuck holder
+HEARTBEAT_S = 30  # the trainer's run lock is renewed this often ...
+STALE_AFTER_S = 300  # ... and taken over when its heartbeat is older than this
+
+
 class RunError(Exception):
-    """A run name or folder a user gave that does not exist or is ambiguous (exit status 2)."""
+    """A run name or folder a user gave that does not exist, is ambiguous, or is not segjobs' (exit status 2)."""
+
+
+class RunLockedError(Exception):
+    """Another process holds the run, or a lock could not be taken (exit status 1)."""
+
+
+# ---- processes ----------------------------------------------------------------------------------------------
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat, field 22); None when it is gone,
+    a zombie, or there is no /proc. With the pid it names one process: a pid reused later starts at another time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def process_is(pid: object, start_time: object) -> bool:
+    """Whether the process recorded as (pid, start time) still runs on this host. A pid that is not a positive
+    integer, or a record without a start time, never matches: segjobs signals only what it can identify."""
+    if not isinstance(pid, (int, str)) or not str(pid).isdigit() or int(pid) <= 0 or not isinstance(start_time, int):
+        return False
+    return process_start_time(int(pid)) == start_time
+
+
+def this_process() -> dict:
+    """{host, pid, pid_start}: what identifies this process for run.json and the run lock."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start_time(os.getpid())}
 
 
 def home() -> Path:
@@ -42,14 +81,17 @@ def home() -> Path:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside `path` (the job on a compute node and `segjobs` on the login node both write)."""
+    """An exclusive lock beside `path` while it is read and rewritten (the job on a compute node and `segjobs`
+    on the login node both write). filelock's lock-file mode: exclusive creation works on NFS and Lustre
+    mounted without flock; a marker left by a process that died on this host is reclaimed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
+    guard = path.with_name(f".{path.name}.lock")
+    try:
+        with SoftFileLock(guard, timeout=LOCK_TIMEOUT_S):
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except Timeout:
+        raise RunLockedError(f"{guard}: held by another process for over {LOCK_TIMEOUT_S} s (its content names it); "
+                             "if that process is gone (a crash on another host), remove the file.") from None
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -105,8 +147,9 @@ def submitted(run_dir: Path, submission: dict, **fields: Any) -> dict:
 
 
 def started(run_dir: Path, start: dict, **fields: Any) -> dict:
-    """A process started training: `start` is {job_id, time, restart_count, world_size, host, pid}."""
-    record = _append(run_dir, "starts", start, state=RUNNING, error=None, **fields)
+    """This process started training: `start` is {job_id, time, restart_count, world_size}; its host, pid and
+    pid start time are added."""
+    record = _append(run_dir, "starts", {**start, **this_process()}, state=RUNNING, error=None, **fields)
     register(run_dir)
     return record
 
@@ -183,3 +226,122 @@ def resolve_run(name: str, candidates: list[Path] | None = None) -> Path:
 
 def latest_job(record: dict) -> dict | None:
     return record["submissions"][-1] if record.get("submissions") else None
+
+
+def check_run_dir(run_dir: Path, source: str) -> None:
+    """Refuse to train or submit into a folder that holds files no segjobs run wrote (nothing is touched).
+    A run directory is segjobs' when it holds run.json, run.lock or checkpoints/; `logs/` alone is what
+    `segjobs submit` creates for the job's own logs before the job starts."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunError(f"{source}: output_dir {run_dir} is a file, not a folder.")
+    if any((run_dir / name).exists() for name in ("run.json", "run.lock", "checkpoints")):
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name != "logs")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RunError(f"{source}: output_dir {run_dir} already holds files that no segjobs run wrote ({shown}); "
+                       "nothing was written there. Choose a new or empty folder.")
+
+
+# ---- the run lock ---------------------------------------------------------------------------------------------
+def lock_holder(run_dir: Path) -> dict | None:
+    """The record of the process that holds the run (run.lock), {} when it is unreadable, None when none does."""
+    try:
+        record = json.loads((Path(run_dir) / "run.lock").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def describe_holder(holder: dict) -> str:
+    job = f", job {holder.get('job_id')}" if holder.get("job_id") else ""
+    age = time.time() - holder["heartbeat"] if isinstance(holder.get("heartbeat"), (int, float)) else None
+    beat = f", last heartbeat {age:.0f} s ago" if age is not None else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job}{beat}"
+
+
+def stale_reason(holder: dict, job_id: str | None = None,
+                 job_running: Callable[[str], bool | None] | None = None) -> str | None:
+    """Why a run lock's holder no longer holds the run (None: it does). `job_id` is the SLURM job of the
+    process asking (a requeue of the holder's own job takes over); `job_running(job_id)` says whether SLURM
+    still runs a job (None: cannot tell)."""
+    if not holder:
+        return "the lock file is unreadable"
+    if holder.get("host") == socket.gethostname() and not process_is(holder.get("pid"), holder.get("pid_start")):
+        return f"its process {holder.get('pid')} on {holder.get('host')} has ended"
+    holder_job = holder.get("job_id")
+    if holder_job and job_id and str(holder_job) == str(job_id):
+        return f"it is an earlier start of this job {job_id} (requeued)"
+    if holder_job and job_running is not None and job_running(str(holder_job)) is False:
+        return f"SLURM no longer runs its job {holder_job}"
+    heartbeat = holder.get("heartbeat")
+    if not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > STALE_AFTER_S:
+        return f"its heartbeat is older than {STALE_AFTER_S} s"
+    return None
+
+
+class RunLock:
+    """The trainer's exclusive hold on a run directory for its whole life (rank 0 takes it for all ranks).
+
+        with RunLock(run_dir, job_id="4242", job_running=queue.slurm_job_running):
+            train()
+
+    run.lock names the holder (host, pid and its start time, SLURM job id) and a heartbeat that a background
+    thread renews every HEARTBEAT_S. A second trainer is refused with RunLockedError naming the holder, unless
+    the lock is stale (see stale_reason): then it is taken over with a log line. Evaluation and pictures do
+    not take it: they write only under eval/ and pictures/."""
+
+    def __init__(self, run_dir: Path, job_id: str | None = None, job_running: Callable[[str], bool | None] | None = None):
+        self.path = Path(run_dir) / "run.lock"
+        self.job_id, self.job_running = job_id, job_running
+        self.record: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        with _locked(self.path):
+            holder = lock_holder(self.path.parent)
+            if holder is not None:
+                reason = stale_reason(holder, self.job_id, self.job_running)
+                if reason is None:
+                    raise RunLockedError(f"{self.path.parent}: the run is being trained by {describe_holder(holder)}; "
+                                         "two processes never write one run. Wait for it, or `segjobs cancel` it.")
+                log.warning("%s: taking over the run lock of %s: %s", self.path.parent, describe_holder(holder), reason)
+            now = time.time()
+            self.record = {**this_process(), "job_id": self.job_id, "since": now, "heartbeat": now}
+            _write_json(self.path, self.record)
+        self._thread = threading.Thread(target=self._beat, name="segjobs-run-lock", daemon=True)
+        self._thread.start()
+
+    def _ours(self, holder: dict | None) -> bool:
+        keys = ("host", "pid", "pid_start", "since")
+        return bool(holder) and all(holder.get(k) == self.record.get(k) for k in keys)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with _locked(self.path):
+                if not self._ours(lock_holder(self.path.parent)):
+                    log.warning("%s: the run lock was taken over by another process", self.path.parent)
+                    return
+                self.record["heartbeat"] = time.time()
+                _write_json(self.path, self.record)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with _locked(self.path):
+            if self._ours(lock_holder(self.path.parent)):
+                self.path.unlink()

@@ -10,11 +10,14 @@ Formats recognised, whatever the file name:
 A ViT backbone (DINO, timm) loads into a Segmenter encoder too: the seed's "pretrained" Segmenter.
 
 Position embeddings are resized when the stored grid differs (bilinear for Segmenter, as its reference
-does when loading ImageNet weights; bicubic for DINO). Untrusted files load with torch.load(weights_only=True).
+does when loading ImageNet weights; bicubic for DINO). Untrusted files load with torch.load(weights_only=True);
+the only class allowed beyond tensors and plain values is argparse.Namespace, which main_dino.py stores as the
+checkpoint's `args` (torch's safe-globals allowlist: it sets attributes, it runs no code).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +91,8 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             from safetensors.torch import load_file
 
             return load_file(str(path)), "safetensors"
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # main_dino.py's `args`
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the file's fault here
         raise PretrainedError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}).") from None
     if isinstance(obj, dict) and "teacher" in obj:

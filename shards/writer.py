@@ -266,6 +266,7 @@ def write_split(
     max_shard_bytes: float = 1e9,
     workers: int = 1,
     strict: bool = False,
+    force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Manifest, SplitSummary]:
     """Shard one split; `progress(samples_done, bytes_done)` is called as samples are packed. num_classes and
@@ -273,17 +274,24 @@ def write_split(
     if samples_per_shard < 1 or max_shard_bytes <= 0 or workers < 1:
         raise BadSourceError("--samples-per-shard, --max-shard-bytes and --workers must be positive.")
     start = time.perf_counter()
-    split_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(samples, samples_per_shard, max_shard_bytes)
     state = _load_state(split_dir)
+    planned = {shard_name(dataset, split, index): fingerprint(shard) for index, shard in enumerate(plan)}
+    foreign = _foreign_shards(split_dir, dataset, split, planned, state)
+    if foreign and not force:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise BadSourceError(f"{split_dir} holds {len(foreign)} shard(s) that were not written from this source: {shown}. "
+                             "Sharding would replace or remove them; nothing in that folder was changed. Pass --force to replace them, "
+                             "or choose another output folder.")
+    split_dir.mkdir(parents=True, exist_ok=True)
     new_state: dict[str, dict] = {}
     manifest = Manifest(dataset=dataset, split=split, num_classes=num_classes, class_names=class_names)
     reused = done = written = 0
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         for index, shard_samples in enumerate(plan):
-            name = f"{dataset}-{split}-{index:06d}.tar"
-            fp = fingerprint(shard_samples)
+            name = shard_name(dataset, split, index)
+            fp = planned[name]
             if _reusable(split_dir, state.get(name), fp):
                 record = state[name]
                 reused += 1
@@ -328,12 +336,28 @@ def _reporting(runs: Iterator[PackedRun], progress, done: int, written: int) -> 
         yield run
 
 
-def _remove_stale_shards(split_dir: Path, dataset: str, split: str, keep: set[str]) -> None:
-    """Delete shards of an earlier run of this tool that the current plan no longer has."""
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}-{split}-{index:06d}.tar"
+
+
+def _shard_files(split_dir: Path, dataset: str, split: str) -> list[str]:
     pattern = re.compile(rf"^{re.escape(dataset)}-{re.escape(split)}-\d{{6}}\.tar$")
-    for path in split_dir.iterdir():
-        if pattern.match(path.name) and path.name not in keep:
-            path.unlink()
+    return sorted(p.name for p in split_dir.iterdir() if pattern.match(p.name)) if split_dir.is_dir() else []
+
+
+def _foreign_shards(split_dir: Path, dataset: str, split: str, planned: dict[str, str], state: dict) -> list[str]:
+    """Shards in `split_dir` that this run would replace or remove although they were not written from this
+    source: every shard file except those the shard state records with the planned source fingerprint (a
+    rerun, or a resumed interrupted run, of the same source)."""
+    return [name for name in _shard_files(split_dir, dataset, split)
+            if planned.get(name) is None or (state.get(name) or {}).get("fingerprint") != planned[name]]
+
+
+def _remove_stale_shards(split_dir: Path, dataset: str, split: str, keep: set[str]) -> None:
+    """Delete shards that the current plan no longer has (only reached when they are this source's, or --force)."""
+    for name in _shard_files(split_dir, dataset, split):
+        if name not in keep:
+            (split_dir / name).unlink()
 
 
 def image_folder_samples(src: Path) -> list[SourceSample]:

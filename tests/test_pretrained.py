@@ -1,5 +1,6 @@
 """Each checkpoint format, written the way its project writes it, loads into the right model."""
 
+import argparse
 import pickle
 
 import pytest
@@ -26,11 +27,20 @@ def test_official_dino_backbone_file(dino_s16, tmp_path):
 
 
 def test_full_dino_training_checkpoint_uses_the_teacher(dino_s16, tmp_path):
+    """main_dino.py's save_dict: student (DDP: `module.` keys), teacher, optimizer, epoch, its argparse
+    Namespace of arguments, and the loss's centre."""
     student = models.create("dino_vits16", out_dim=128)
+    optimizer = torch.optim.AdamW(student.parameters())
+    student(torch.randn(1, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    args = argparse.Namespace(arch="vit_small", patch_size=16, out_dim=128, norm_last_layer=True, lr=0.0005,
+                              global_crops_scale=(0.4, 1.0), data_path="/path/to/imagenet/train", output_dir=".")
     checkpoint = {
         "student": {f"module.{k}": v for k, v in student.state_dict().items()},
         "teacher": dino_s16.state_dict(),
+        "optimizer": optimizer.state_dict(),
         "epoch": 3,
+        "args": args,
         "dino_loss": {"center": torch.zeros(1, 128)},
     }
     path = tmp_path / "checkpoint.pth"
@@ -107,6 +117,10 @@ def test_untrusted_pickles_are_not_executed(tmp_path, capsys):
         pickle.dump({"model": Payload()}, f)
     with pytest.raises(PretrainedError, match="not a readable checkpoint"):
         models.create("segmenter_t16_linear", pretrained=str(path))
+    # The Namespace allowed for main_dino.py's `args` carries no code either.
+    torch.save({"teacher": {}, "args": argparse.Namespace(hook=Payload())}, path)
+    with pytest.raises(PretrainedError, match="not a readable checkpoint"):
+        models.create("dino_vits16", pretrained=str(path))
     assert "code ran" not in capsys.readouterr().out
 
 

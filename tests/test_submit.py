@@ -127,7 +127,7 @@ def test_cancel_then_resume_continues_from_the_checkpoint(shard_root, tmp_path, 
     assert "already running" in capsys.readouterr().err, "two jobs never write one run directory"
     assert segjobs(["cancel", "long"]) == 0
     assert wait_for_state(run_dir, {"CANCELLED"}).state == "CANCELLED"
-    job = runs.latest_job(runs.read_run(run_dir))["job_id"]
+    job = runs.latest_job(runs.read_run(run_dir))
     deadline = time.monotonic() + 30
     while queue.local_job_alive(job) and time.monotonic() < deadline:
         time.sleep(0.2)

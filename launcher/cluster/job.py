@@ -108,13 +108,17 @@ class TrainingJob(submitit.helpers.Checkpointable):
         os.environ.setdefault("OMP_NUM_THREADS", threads)
         import torch
 
+        from launcher.cluster.queue import slurm_job_running
         from launcher.training.trainer import run_spec
 
         torch.set_num_threads(int(threads))
 
         try:
             result = run_spec(spec, self.source, job_id=env.job_id, cluster=env.cluster,
-                                    restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), on_trainer=requeue.attach)
+                              restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), on_trainer=requeue.attach,
+                              job_running=slurm_job_running)
+        except (runs.RunError, runs.RunLockedError):
+            raise  # not this job's run to record in: a foreign folder, or another process holds the run
         except Exception as exc:  # also before the trainer exists (a refused resume, missing data)
             if main:
                 runs.failed(spec.run_dir, f"{type(exc).__name__}: {exc}")

@@ -8,15 +8,16 @@ Nothing here writes run state (launcher.runs does); nothing here imports torch.
 
 from __future__ import annotations
 
-import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
+from launcher import runs
 from launcher.runs import ACTIVE_STATES
 
 POLL_TIMEOUT_S = 30
+RUNNING_STATES = {"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}  # a process of the job exists
 
 
 @dataclass
@@ -62,9 +63,9 @@ def poll_slurm(job_ids: list[str]) -> dict[str, JobState]:
     """The state of every job: one sacct call for all of them, then one squeue call for those sacct does not
     show as finished (slurmdbd learns of state changes late: a requeued job can read REQUEUED there while
     the controller already holds it PENDING for BeginTime). {} when SLURM is not reachable."""
-    if not job_ids:
+    ids = sorted({i for i in job_ids if valid_slurm_job_id(i)})  # anything else never reaches a command line
+    if not ids:
         return {}
-    ids = sorted(set(job_ids))
     states = parse_sacct(_slurm_output(["sacct", "-X", "-n", "-P", "--format=JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes",
                                         "-j", ",".join(ids)]))
     unfinished = [i for i in ids if i not in states or states[i].state in ACTIVE_STATES]
@@ -85,22 +86,28 @@ def _slurm_output(command: list[str]) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def local_job_alive(job_id: str) -> bool:
-    """A job of submitit's local executor: its id is the pid of the controller process (a zombie is dead)."""
-    try:
-        os.kill(int(job_id), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{job_id}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:  # no /proc (macOS): signal 0 answered
-        return True
+def slurm_job_running(job_id: str) -> bool | None:
+    """Whether SLURM runs the job now (not pending, not finished); None when SLURM cannot tell (not reachable,
+    or the job unknown to it). The run lock asks this of a holder's job."""
+    seen = poll_slurm([job_id]).get(job_id)
+    if seen is None:
+        return None
+    return seen.state in RUNNING_STATES
+
+
+def valid_slurm_job_id(job_id: object) -> bool:
+    """A SLURM job id as segjobs records it: digits, or digits_digits for an array task."""
+    return isinstance(job_id, str) and re.fullmatch(r"\d+(_\d+)?", job_id) is not None
+
+
+def local_job_alive(job: dict) -> bool:
+    """A job of submitit's local executor: its id is the pid of the controller process, recorded with the
+    process's start time (a recycled pid or an edited record is not the job)."""
+    return runs.process_is(job.get("job_id"), job.get("pid_start"))
 
 
 def process_alive(start: dict) -> bool:
     """A foreground run (segjobs train) is alive while its process is, when seen from its own host."""
     if start.get("host") != socket.gethostname() or not start.get("pid"):
         return True  # cannot tell from here
-    return local_job_alive(str(start["pid"]))
+    return runs.process_is(start["pid"], start.get("pid_start"))

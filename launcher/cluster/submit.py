@@ -115,16 +115,19 @@ def absolute(spec: JobSpec) -> JobSpec:
 
 
 def check_not_running(run_dir: Path) -> None:
-    """Two jobs must never write one run directory."""
+    """Two jobs must never write one run directory: refuse while its job is alive or its run lock is held."""
     record = runs.read_run(run_dir)
     job = runs.latest_job(record)
-    if job is None or record.get("state") not in runs.ACTIVE_STATES:
-        return
-    alive = (queue.local_job_alive(job["job_id"]) if job["cluster"] == "local"
-             else queue.poll_slurm([job["job_id"]]).get(job["job_id"], queue.JobState("UNKNOWN")).state in runs.ACTIVE_STATES)
-    if alive:
-        raise SubmitError(f"{run_dir}: run {record.get('name')} is already {record['state'].lower()} as job {job['job_id']}; "
-                          f"`segjobs cancel {record.get('name')}` first, or give the spec another name.")
+    if job is not None and record.get("state") in runs.ACTIVE_STATES:
+        alive = (queue.local_job_alive(job) if job["cluster"] == "local"
+                 else queue.poll_slurm([job["job_id"]]).get(job["job_id"], queue.JobState("UNKNOWN")).state in runs.ACTIVE_STATES)
+        if alive:
+            raise SubmitError(f"{run_dir}: run {record.get('name')} is already {record['state'].lower()} as job {job['job_id']}; "
+                              f"`segjobs cancel {record.get('name')}` first, or give the spec another name.")
+    holder = runs.lock_holder(run_dir)
+    if holder is not None and runs.stale_reason(holder, job_running=queue.slurm_job_running) is None:
+        raise SubmitError(f"{run_dir}: the run is being trained by {runs.describe_holder(holder)}; "
+                          "two processes never write one run. Wait for it to end, or stop it first.")
 
 
 def check_resumable(spec: JobSpec, source: str) -> None:
@@ -178,6 +181,7 @@ def submit_all(submissions: list[Submission], folder: Path, cluster: str, source
 
     for item in submissions:
         check_sbatch_safe(item.spec, folder)
+        runs.check_run_dir(item.spec.run_dir, source)
         check_not_running(item.spec.run_dir)
         check_resumable(item.spec, source)
     created = [p for p in {folder.parent, *(s.spec.run_dir for s in submissions)} if not p.exists()]
@@ -202,8 +206,11 @@ def submit_all(submissions: list[Submission], folder: Path, cluster: str, source
 
 def record_submission(item: Submission, cluster: str, folder: Path) -> None:
     spec = item.spec
-    runs.submitted(spec.run_dir, {"job_id": item.job_id, "time": time.time(), "cluster": cluster, "log_folder": str(folder),
-                                  "overrides": item.overrides},
+    submission = {"job_id": item.job_id, "time": time.time(), "cluster": cluster, "log_folder": str(folder),
+                  "overrides": item.overrides}
+    if cluster == "local":  # the job id is the controller's pid: with its start time, it names that process only
+        submission["pid_start"] = runs.process_start_time(int(item.job_id))
+    runs.submitted(spec.run_dir, submission,
                    name=spec.name, model=spec.model.name, cluster=cluster, spec=spec.model_dump(mode="json"),
                    nodes=spec.resources.nodes, gpus_per_node=spec.resources.gpus_per_node,
                    tasks=spec.resources.nodes * tasks_per_node(spec), timeout_min=spec.resources.timeout_min)
@@ -255,11 +262,18 @@ def cancel(name: str) -> int:
     if job is None or record.get("state") not in runs.ACTIVE_STATES:
         raise SubmitError(f"{run_dir}: run {record.get('name', name)} has no active job (state {record.get('state', 'unknown')}).")
     if job["cluster"] == "slurm":
+        if not queue.valid_slurm_job_id(job["job_id"]):
+            raise runs.RunError(f"{run_dir / 'run.json'}: job id {str(job['job_id'])[:40]!r} is not a SLURM job id "
+                                "(digits, or digits_digits for an array task); nothing was cancelled.")
         done = subprocess.run(["scancel", job["job_id"]], capture_output=True, text=True)
         if done.returncode != 0:
             raise SubmitError(f"scancel {job['job_id']} failed: {done.stderr.strip()}")
-    elif queue.local_job_alive(job["job_id"]):
+    elif queue.local_job_alive(job):
         os.kill(int(job["job_id"]), signal.SIGINT)  # submitit's local controller stops its tasks on SIGINT
+    else:
+        raise SubmitError(f"{run_dir}: run.json names process {str(job['job_id'])[:40]} as the job of run "
+                          f"{record.get('name', name)}, but no process started by segjobs runs under that id (it has "
+                          "ended, its pid now belongs to another process, or the record was edited); nothing was signalled.")
     runs.cancelled(run_dir)
     print(f"{record.get('name', name)}\tjob {job['job_id']}\tcancelled")
     return 0

@@ -11,7 +11,10 @@ from shards.reader import verify_split
 from shards.writer import image_folder_samples, progress_reporter, write_split
 
 
-def synth(out: Path, train: int, val: int, size: tuple[int, int], classes: int, seed: int) -> int:
+def synth(out: Path, train: int, val: int, size: tuple[int, int], classes: int, seed: int, force: bool = False) -> int:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise BadSourceError(f"{out} already exists and is not an empty folder; synth would overwrite what is there. "
+                             "Choose a new folder, or pass --force to write into it.")
     if train < 1 or val < 0:
         raise BadSourceError(f"--train must be >= 1 and --val >= 0, got {train} and {val}.")
     if not 1 <= classes <= ade20k.NUM_CLASSES:

@@ -100,7 +100,7 @@ def build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> Ro
         if job is not None and record.get("timeout_min"):
             row.limit_s = 60 * record["timeout_min"]
         if row.active:
-            alive = queue.local_job_alive(job["job_id"]) if job is not None else start is None or queue.process_alive(start)
+            alive = queue.local_job_alive(job) if job is not None else start is None or queue.process_alive(start)
             row.state = row.state if alive else runs.STOPPED
         if start is not None and (row.active or record.get("ended", 0) >= start["time"]):
             row.elapsed_s = (now if row.active else record["ended"]) - start["time"]

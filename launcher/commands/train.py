@@ -41,13 +41,14 @@ def shortcut(family: str, batch_size: int | None, epochs: int | None, lr: float 
 
 def main(spec_path: str | None, overrides: list[str], family: str | None = None, batch_size: int | None = None,
          epochs: int | None = None, lr: float | None = None, pretrained: str | None = None) -> int:
+    from launcher.cluster.queue import slurm_job_running
     from launcher.training.trainer import run_spec
 
     if family:
         spec_path, overrides = shortcut(family, batch_size, epochs, lr, pretrained, overrides)
     elif spec_path is None:
         raise SpecError("segjobs train: pass a job spec (e.g. jobs/demo_segmenter.yaml) or --model.")
-    result = run_spec(load_spec(spec_path, overrides), spec_path)
+    result = run_spec(load_spec(spec_path, overrides), spec_path, job_running=slurm_job_running)
     if result.get("eval") and result["main"]:
         print(f"step {result['step']}: mIoU {result['eval']['miou']:.4f}, pixel accuracy {result['eval']['pixel_acc']:.4f}")
     return 0

@@ -9,10 +9,10 @@ checkpoints is resumed from the latest one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,9 @@ class Trainer:
         """Load the latest checkpoint, if any; True when this rank's RNG state was restored too."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
+        if self.accelerator.is_main_process:
+            self.checkpointer.set_aside_damaged()
+        self.accelerator.wait_for_everyone()
         latest = self.checkpointer.latest()
         if latest is None:
             return False
@@ -141,6 +144,7 @@ class Trainer:
         optimizer_options = StateDictOptions(full_state_dict=True, strict=False)
         for optimizer, state in zip(self.task.optimizers, shared["optimizers"]):
             set_optimizer_state_dict(model, raw_optimizer(optimizer), state, options=optimizer_options)
+            drop_state_not_saved(raw_optimizer(optimizer), state)
         self.task.load_extra_state(shared["task"])
         self.train_loader.load_state_dict(shared["loader"])
         self.progress = Progress(**shared["progress"])
@@ -259,16 +263,36 @@ class Trainer:
         return result
 
 
+def drop_state_not_saved(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """torch's set_optimizer_state_dict first gives every parameter a state (a step with learning rate 0). A
+    parameter that had none in the checkpoint (DINO's last layer in its frozen first epoch) must have none
+    again: else its first real step counts as its second (Adam's bias correction) and the losses drift from
+    those of an uninterrupted run. `saved` names parameters by their fully qualified names, in group order."""
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for param, name in zip(group["params"], saved_group["params"]):
+            if name not in saved["state"]:
+                optimizer.state.pop(param, None)
+
+
 def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str = "foreground", restart_count: int = 0,
-             on_trainer: Callable[[Trainer], None] | None = None) -> dict:
-    """Build the trainer and run it, keeping run.json and the run index up to date (rank 0).
-    `on_trainer` sees the trainer before the loop starts (the SLURM job attaches its signal handler)."""
+             on_trainer: Callable[[Trainer], None] | None = None,
+             job_running: Callable[[str], bool | None] | None = None) -> dict:
+    """Build the trainer and run it, holding the run lock and keeping run.json up to date (rank 0).
+    `on_trainer` sees the trainer before the loop starts (the SLURM job attaches its signal handler);
+    `job_running` asks SLURM whether a lock holder's job still runs (see launcher.runs.stale_reason)."""
     check_environment(spec, source)
+    runs.check_run_dir(spec.run_dir, source)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # known before the Accelerator: rank 0 takes the run
+    with runs.RunLock(spec.run_dir, job_id, job_running) if main_rank else contextlib.nullcontext():
+        return _run_locked(spec, source, job_id, cluster, restart_count, on_trainer)
+
+
+def _run_locked(spec: JobSpec, source: str, job_id: str | None, cluster: str, restart_count: int,
+                on_trainer: Callable[[Trainer], None] | None) -> dict:
     trainer = Trainer(spec, source)
     main = trainer.accelerator.is_main_process
     if main:
-        start = {"job_id": job_id, "time": time.time(), "restart_count": restart_count, "world_size": trainer.world,
-                 "host": socket.gethostname(), "pid": os.getpid()}
+        start = {"job_id": job_id, "time": time.time(), "restart_count": restart_count, "world_size": trainer.world}
         runs.started(trainer.run_dir, start, name=spec.name, model=spec.model.name, cluster=cluster,
                      total_steps=trainer.total_steps, global_batch=spec.data.batch_size * spec.train.grad_accum * trainer.world)
     if on_trainer is not None:
