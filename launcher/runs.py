@@ -85,7 +85,7 @@ def _locked(path: Path) -> Iterator[None]:
     on the login node both write). filelock's lock-file mode: exclusive creation works on NFS and Lustre
     mounted without flock; a marker left by a process that died on this host is reclaimed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    guard = path.with_name(f".{path.name}.lock")
+    guard = path.with_name(f".{path.name}.filelock")  # not .lock: earlier versions left empty flock files there
     try:
         with SoftFileLock(guard, timeout=LOCK_TIMEOUT_S):
             yield

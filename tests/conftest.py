@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from launcher.cli import main as segjobs
+
+# The whole session writes its run index here, module-scoped fixtures and the SLURM test jobs (which inherit
+# the environment) included, never into the user's ~/.segjobs; each test then gets its own (segjobs_home).
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="segjobs-test-home-"))
+os.environ["SEGJOBS_HOME"] = str(SESSION_HOME)
 
 TRAIN, VAL = 40, 9
 SIZE = "64x80"

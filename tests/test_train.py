@@ -54,14 +54,16 @@ def kill_after_checkpoint(command: list[str], checkpoint: Path) -> None:
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("family", ["segmenter", "wnet", "dino"])
-def test_killed_run_resumes_with_identical_losses(family, shard_root, tmp_path):
+def test_killed_run_resumes_with_identical_losses(family, workers, shard_root, tmp_path):
+    """A run is a function of (spec, seed, world size): the loader workers change nothing, killed or not."""
     whole = write_spec(tmp_path, shard_root, family, name="whole")
     assert segjobs(["train", str(whole)]) == 0
     expected = losses(tmp_path / "whole")
     assert sorted(expected) == list(range(1, 9))
 
-    killed = write_spec(tmp_path, shard_root, family, name="killed")
+    killed = write_spec(tmp_path, shard_root, family, name="killed", data={"num_workers": workers})
     kill_after_checkpoint([sys.executable, "-m", "launcher.cli", "train", str(killed)],
                           tmp_path / "killed" / "checkpoints" / "step_00000003")
     resumed_from = max(Checkpointer(tmp_path / "killed" / "checkpoints", 5).steps())

@@ -13,7 +13,6 @@ model, the samples and the folder.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from PIL import Image
 
 from launcher import runs
 from launcher.spec import SpecError
+from launcher.training.metrics_log import read_metrics
 
 log = logging.getLogger("segjobs.visualize")
 
@@ -62,7 +62,7 @@ def curves_picture(run_dirs: list[Path], out: Path) -> Path:
         path = run_dir / "metrics.jsonl"
         if not path.exists():
             raise SpecError(f"{run_dir}: no metrics.jsonl to plot.")
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_metrics(path)
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval" in r]
         name = runs.read_run(run_dir).get("name", run_dir.name)

@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Iterator
@@ -76,6 +77,18 @@ def _numpy_rng_globals() -> list:
     """What an RNG file of an older segjobs needs besides plain values: numpy's array and dtype reconstructors."""
     core = getattr(np, "_core", None) or np.core
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_safely(path: Path, load, **options) -> Any:
+    """`load(path)`, where anything but tensors and plain values (a planted pickle) is refused, not run."""
+    try:
+        return load(path, **options)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+        reason = lines[0][:200] if lines else type(exc).__name__
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain values, which segjobs never writes "
+                              f"and does not load ({reason}). Nothing in it was run; remove the checkpoint folder "
+                              "or replace it with a copy segjobs wrote.") from None
 
 
 def load_rng_file(path: Path) -> dict[str, Any]:
@@ -161,9 +174,9 @@ class Checkpointer:
     def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
         """(shared state, meta, this rank's RNG state or None when the world size changed)."""
         meta = layout.read_meta(path)
-        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+        shared = load_safely(path / "shared.pt", torch.load, map_location="cpu", weights_only=True)
         rng_file = path / f"rank_{self.rank:05d}.pt"
-        rng = load_rng_file(rng_file) if meta["world_size"] == self.world_size and rng_file.exists() else None
+        rng = load_safely(rng_file, load_rng_file) if meta["world_size"] == self.world_size and rng_file.exists() else None
         return shared, meta, rng
 
 

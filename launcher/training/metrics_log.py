@@ -11,6 +11,20 @@ import sys
 from pathlib import Path
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl; a line that is not a whole JSON object (the last line of a process
+    killed while writing it) is skipped."""
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     """runs/<name>/metrics.jsonl, written by rank 0: one JSON object per line."""
 
@@ -18,11 +32,12 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines past the checkpoint, which the resumed run writes again."""
+        """On resume: drop lines past the checkpoint, which the resumed run writes again (and a half-written
+        last line, which the next record would otherwise continue)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_metrics(self.path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -9,27 +9,43 @@ data paths may need `--set data.val=...` here.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from launcher import checkpoint as layout
 from launcher import runs
+from launcher.checkpoint import CheckpointError
 from launcher.spec import JobSpec, SpecError, parse_spec
+from launcher.training.checkpointer import load_safely
 from launcher.training.families import task_for_model
 from launcher.training.parallel import build_accelerator
 
+log = logging.getLogger("segjobs.eval")
+
 
 def find_checkpoint(target: str) -> Path:
-    """A checkpoint folder (step_NNNNNNNN with meta.json), or the latest complete one of a run (name or folder)."""
+    """A checkpoint folder (step_NNNNNNNN with meta.json), or the newest intact one of a run (name or folder).
+    Every file is checked against meta.json first; a damaged checkpoint is never loaded."""
     path = Path(target)
     if layout.is_checkpoint(path):
+        problem = layout.verify(path)
+        if problem:
+            raise CheckpointError(f"{path}: the checkpoint is damaged ({problem}); nothing was loaded.")
         return path
     run_dir = runs.resolve_run(target)
-    latest = layout.latest(layout.checkpoints_folder(run_dir))
-    if latest is None:
+    folder = layout.checkpoints_folder(run_dir)
+    steps = layout.steps(folder)
+    if not steps:
         raise runs.RunError(f"{run_dir}: no checkpoint yet (checkpoints/step_NNNNNNNN).")
-    return latest
+    for step in reversed(steps):
+        checkpoint = folder / layout.step_name(step)
+        problem = layout.verify(checkpoint)
+        if problem is None:
+            return checkpoint
+        log.warning("%s is damaged (%s): using the checkpoint before it", checkpoint, problem)
+    raise CheckpointError(f"{folder}: every checkpoint is damaged; nothing was loaded.")
 
 
 def output_folder(checkpoint: Path) -> Path:
@@ -57,7 +73,7 @@ def restore(target: str, overrides: list[str] = ()):
     spec.model.pretrained = None  # the checkpoint holds every weight
     task = task_for_model(spec.model.name)(spec, accelerator, 1, 1)
     # weights_only: a checkpoint from elsewhere cannot run code when loaded (the RNG files are not read).
-    shared = torch.load(checkpoint / "shared.pt", map_location="cpu", weights_only=True)
+    shared = load_safely(checkpoint / "shared.pt", torch.load, map_location="cpu", weights_only=True)
     task.model.load_state_dict(shared["model"])
     task.load_extra_state(shared["task"])
     task.parallel_wrap(lambda module, trainable=True: module.to(accelerator.device))  # every network of the task
