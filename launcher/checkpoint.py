@@ -16,10 +16,12 @@ import json
 import re
 from pathlib import Path
 
+from launcher.errors import WorkFailed
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(WorkFailed):
     """No usable checkpoint where one is needed, or one could not be written (exit status 1)."""
 
 

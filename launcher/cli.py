@@ -172,15 +172,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_status(exc: Exception) -> int | None:
     """The exit status for an error a user can cause; None for a bug (which keeps its traceback)."""
-    from launcher.checkpoint import CheckpointError
-    from launcher.cluster.submit import SubmitError
-    from launcher.runs import RunError, RunLockedError
-    from launcher.spec import SpecError
+    from launcher.errors import InputError, WorkFailed
     from shards.errors import BadSourceError, ShardsError
 
-    if isinstance(exc, (BadSourceError, SpecError, RunError)):
+    if isinstance(exc, (InputError, BadSourceError)):
         return USAGE_ERROR
-    if isinstance(exc, (ShardsError, SubmitError, RunLockedError, CheckpointError)):
+    if isinstance(exc, (WorkFailed, ShardsError)):
         return WORK_FAILED
     if type(exc).__name__ == "PretrainedError":  # models.pretrained; not imported here, it imports torch
         return USAGE_ERROR

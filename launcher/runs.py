@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator
 
 from filelock import SoftFileLock, Timeout
 
+from launcher.errors import InputError, WorkFailed
+
 log = logging.getLogger("segjobs.runs")
 
 # segjobs' own states; the others below are SLURM's words for a job, as sacct and squeue print them.
@@ -43,11 +45,11 @@ HEARTBEAT_S = 30  # the trainer's run lock is renewed this often ...
 STALE_AFTER_S = 300  # ... and taken over when its heartbeat is older than this
 
 
-class RunError(Exception):
+class RunError(InputError):
     """A run name or folder a user gave that does not exist, is ambiguous, or is not segjobs' (exit status 2)."""
 
 
-class RunLockedError(Exception):
+class RunLockedError(WorkFailed):
     """Another process holds the run, or a lock could not be taken (exit status 1)."""
 
 
@@ -100,19 +102,72 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_run(run_dir: Path) -> dict:
-    """run.json of a run directory; {} when there is none (a run trained before any record was kept)."""
+class UnreadableRunError(RunError):
+    """run.json or the run index is not what segjobs writes (damaged or edited); the message says how."""
+
+
+MAX_RECORD_BYTES = 16 << 20  # a run.json of ten thousand requeues is ~2 MB
+
+
+def _read_json(path: Path, check: Callable[[Any], str | None]) -> Any:
+    """A JSON file segjobs wrote, bounded and checked; UnreadableRunError naming the file and the problem."""
     try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
+        if len(data) > MAX_RECORD_BYTES:
+            raise ValueError(f"over {MAX_RECORD_BYTES >> 20} MiB")
+        value = json.loads(data.decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UnreadableRunError(f"{path}: unreadable ({str(exc)[:200]}).") from None
+    problem = check(value)
+    if problem:
+        raise UnreadableRunError(f"{path}: not a segjobs record ({problem}).")
+    return value
+
+
+def _run_record_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON object was expected, found {type(record).__name__}"
+    for key in ("submissions", "starts", "requeues"):
+        entries = record.get(key, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            return f"{key} must be a list of objects"
+    for entry in record.get("submissions", []):
+        if not isinstance(entry.get("job_id"), str) or entry.get("cluster") not in ("slurm", "local"):
+            return "a submission needs a job_id string and a cluster (slurm or local)"
+    for key in ("name", "state", "model", "error"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"{key} must be a string"
+    return None
+
+
+def read_run(run_dir: Path) -> dict:
+    """run.json of a run directory; {} when there is none (a run trained before any record was kept).
+    UnreadableRunError (exit 2) when it is damaged or is not a record segjobs writes."""
+    try:
+        return _read_json(Path(run_dir) / "run.json", _run_record_problem)
     except FileNotFoundError:
         return {}
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged file of segjobs' own beside itself (kept for inspection, never deleted)."""
+    target = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    path.rename(target)
+    return target
 
 
 def _update(run_dir: Path, change: Callable[[dict], None]) -> dict:
     """Apply `change` to run.json under the lock and write it back atomically; returns the new record."""
     path = Path(run_dir) / "run.json"
     with _locked(path):
-        record = read_run(run_dir)
+        try:
+            record = read_run(run_dir)
+        except UnreadableRunError as exc:
+            log.warning("%s; renamed to %s, a new record is started", exc, _set_aside(path).name)
+            record = {}
         change(record)
         _write_json(path, record)
     return record
@@ -180,18 +235,40 @@ def settled(run_dir: Path, state: str) -> dict:
 
 
 # ---- the index of runs ------------------------------------------------------------------------------------
+def _index_problem(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.startswith("/") for p in value):
+        return "a JSON list of absolute run folders was expected"
+    return None
+
+
+def _read_index() -> list[str]:
+    try:
+        return _read_json(home() / "index.json", _index_problem)
+    except FileNotFoundError:
+        return []
+
+
 def register(run_dir: Path) -> None:
+    """Add a run folder to the index; a damaged index is renamed aside (and said so) and a new one started."""
     path = home() / "index.json"
     run_dir = str(Path(run_dir).resolve())
     with _locked(path):
-        known = json.loads(path.read_text()) if path.exists() else []
+        try:
+            known = _read_index()
+        except UnreadableRunError as exc:
+            log.warning("%s; renamed to %s, a new index is started", exc, _set_aside(path).name)
+            known = []
         if run_dir not in known:
             _write_json(path, known + [run_dir])
 
 
 def indexed_runs() -> list[Path]:
-    path = home() / "index.json"
-    return [Path(p) for p in json.loads(path.read_text())] if path.exists() else []
+    """The indexed run folders; none, with a warning, when the index is damaged (status still shows --runs)."""
+    try:
+        return [Path(p) for p in _read_index()]
+    except UnreadableRunError as exc:
+        log.warning("%s The next run started or submitted starts a new index.", exc)
+        return []
 
 
 def find_runs(names: list[str], extra_dirs: list[Path] = ()) -> list[Path]:
@@ -215,13 +292,20 @@ def resolve_run(name: str, candidates: list[Path] | None = None) -> Path:
     if (path / "run.json").exists() or (path / "checkpoints").is_dir():
         return path.resolve()
     candidates = indexed_runs() if candidates is None else candidates
-    matches = [p for p in candidates if p.name == name or read_run(p).get("name") == name]
+    matches = [p for p in candidates if p.name == name or _recorded_name(p) == name]
     if not matches:
         raise RunError(f"no run named {name!r}: not a run directory and not in {home() / 'index.json'} "
                        "(see `segjobs status --all`).")
     if len(matches) > 1:
         raise RunError(f"{len(matches)} runs are named {name!r}: {', '.join(map(str, matches))}; pass the folder instead.")
     return matches[0]
+
+
+def _recorded_name(run_dir: Path) -> str | None:
+    try:
+        return read_run(run_dir).get("name")
+    except UnreadableRunError:  # one damaged run must not hide the others
+        return None
 
 
 def latest_job(record: dict) -> dict | None:

@@ -11,15 +11,23 @@ A bad spec raises SpecError: one paragraph naming the file, the key path, what w
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from launcher.errors import InputError
 
-class SpecError(Exception):
+
+class SpecError(InputError):
     """A job spec a user wrote that cannot run (exit status 2)."""
+
+
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few kB
+MAX_SPEC_VALUES = 100_000  # values after expanding YAML aliases (a spec has a few hundred)
+MAX_STEPS = 10**8  # the longest schedule horizon accepted (DINO ViT-S/16's 300 epochs on ImageNet: 375k steps)
 
 
 class Section(BaseModel):
@@ -40,6 +48,7 @@ class DataSpec(Section):
     num_workers: int = Field(4, ge=0, description="Loader worker processes per rank.")
     shuffle_buffer: int = Field(2000, ge=1, description="Samples in the shuffle buffer after the shard shuffle.")
     skip_corrupt: bool = Field(False, description="Leave undecodable samples out (counted in metrics) instead of stopping.")
+    verify: bool = Field(False, description="Check every shard's sha256 against its manifest before the first step (sizes are always checked).")
     crop_size: int = Field(512, ge=16, description="Segmenter: training crop (mmseg ADE20K: 512).")
     scale: tuple[int, int] = Field((2048, 512), description="Segmenter: resize scale before the random ratio (mmseg: 2048 x 512).")
     ratio_range: tuple[float, float] = Field((0.5, 2.0), description="Segmenter: random resize ratio range (mmseg: 0.5..2.0).")
@@ -69,7 +78,7 @@ class ScheduleSpec(Section):
 
 class TrainSpec(Section):
     epochs: int | None = Field(None, ge=1, description="Passes over the training split; training stops at epochs or max_steps, whichever comes first.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train (Segmenter paper: 160k iterations).")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to train (Segmenter paper: 160k iterations).")
     precision: Literal["bf16", "fp16", "no"] = Field("bf16", description="Autocast dtype; bf16 needs no loss scaling. `no` for fp32 (and for bit-exact CPU tests).")
     strategy: Literal["ddp", "fsdp", "none"] = Field("ddp", description="How the model is replicated across processes (FSDP: torch's fully_shard, per block).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -171,9 +180,79 @@ def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
     return f"{', '.join(changed)} changed since the checkpoint ({differences})"
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 40, 40, 2
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """A short excerpt of a value for a message: bounded work and length whatever the value's size."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing duplicate keys (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the safe loader's own error explains it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_describe(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict, limit: int) -> int:
+    """How many values `node` holds once every alias is expanded (stops counting past `limit`)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = limit + 1  # an alias cycle counts as too large
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, memo, limit)
+        if size > limit:
+            break
+    memo[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python values, bounded: no duplicate keys, at most MAX_SPEC_VALUES values once aliases
+    are expanded (a few hundred bytes of nested aliases can otherwise expand to gigabytes)."""
+    loader = _SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
+            raise SpecError(f"{source}: the YAML expands to over {MAX_SPEC_VALUES:,} values through its aliases (& and *); "
+                            "a job spec has a few hundred. Write the values out.")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: not valid YAML ({_yaml_problem(exc)}).") from None
+    except RecursionError:
+        raise SpecError(f"{source}: the YAML is nested too deeply to be a job spec.") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The problem and its line, without the quoted source text (which may be huge or binary)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem[:200]}{where}"
 
 
 def _fields_at(path: tuple[str | int, ...]) -> list[str]:
@@ -210,10 +289,7 @@ def apply_override(raw: dict, assignment: str, source: str) -> None:
         raise SpecError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. train.max_steps=100.")
     key_path, text = assignment.split("=", 1)
     keys = key_path.strip().split(".")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--set {assignment!r}: the value is not valid YAML ({exc}).") from None
+    value = parse_yaml(text, f"--set {_describe(assignment)}")
     node: Any = raw
     for depth, key in enumerate(keys):
         known = _fields_at(tuple(keys[:depth]))
@@ -242,13 +318,19 @@ def parse_spec(raw: Any, source: str, overrides: list[str] = ()) -> JobSpec:
 
 
 def read_spec_file(path: str | Path) -> Any:
-    """The YAML of a spec file, not yet validated."""
+    """The YAML of a spec file (UTF-8, at most MAX_SPEC_BYTES), not yet validated."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job spec ({exc.strerror}).") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc}).") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: over {MAX_SPEC_BYTES // 1024} KiB; a job spec is a few kB of YAML.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}); a job spec is a YAML file.") from None
+    return parse_yaml(text, str(path))
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:

@@ -129,14 +129,22 @@ class DINOLoss(nn.Module):
         super().__init__()
         self.ncrops, self.student_temp, self.center_momentum = ncrops, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp,
-        ))
+        # The reference's array (np.linspace over the warmup epochs, then teacher_temp for the rest of nepochs)
+        # as a function of the epoch: nothing is allocated per epoch.
+        self.warmup_teacher_temp, self.teacher_temp_final = warmup_teacher_temp, teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+
+    def teacher_temp(self, epoch: int) -> float:
+        warmup = self.warmup_teacher_temp_epochs
+        if epoch >= warmup:
+            return self.teacher_temp_final
+        if warmup == 1:
+            return self.warmup_teacher_temp
+        return self.warmup_teacher_temp + epoch * ((self.teacher_temp_final - self.warmup_teacher_temp) / (warmup - 1))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         student = (student_output / self.student_temp).chunk(self.ncrops)
-        temp = self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
+        temp = self.teacher_temp(epoch)
         teacher = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
         total, terms = 0.0, 0
         for t_index, target in enumerate(teacher):

@@ -1,5 +1,7 @@
 """Errors a user can cause with their data; the command line turns each into one paragraph and an exit status."""
 
+import re
+
 
 class ShardsError(Exception):
     """Base class: a problem with the user's files, explained in the message."""
@@ -11,3 +13,9 @@ class BadSourceError(ShardsError):
 
 class CorruptShardError(ShardsError):
     """A shard does not match its manifest, or a sample in it cannot be read (exit status 1)."""
+
+
+def decode_failure(what: str, exc: Exception) -> str:
+    """A decode failure as deterministic text (Pillow quotes the BytesIO it read with its memory address)."""
+    message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the bytes", str(exc))
+    return f"{what} does not decode ({type(exc).__name__}: {message[:200]})"

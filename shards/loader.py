@@ -41,12 +41,13 @@ import torch
 from PIL import Image
 
 from shards import manifest as manifest_io
-from shards.errors import CorruptShardError, ShardsError
+from shards.errors import CorruptShardError, ShardsError, decode_failure
 from shards.reader import ShardReader
 from shards.transforms import reduce_zero_label
 
 Pipeline = Callable[[Image.Image, np.ndarray | None, np.random.Generator], dict[str, Any]]
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+MAX_PIXELS = 40_000_000  # per image: ADE20K's largest are about 10 Mpx; a decompression bomb has billions
 
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle: bool, shuffle_buffer: int) -> np.ndarray:
@@ -76,12 +77,27 @@ def buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> n
     return np.concatenate([np.array(out, dtype=np.int64), tail])
 
 
+def check_sizes(split_dir: Path, manifest) -> None:
+    """Every shard is there with the size its manifest records (a stat each; `segjobs shard verify` and
+    `data.verify` check the content too)."""
+    for entry in manifest.shards:
+        path = split_dir / entry.name
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise CorruptShardError(f"{path}: the manifest lists this shard but it cannot be read ({exc.strerror}).") from None
+        if size != entry.bytes:
+            raise CorruptShardError(f"{path}: {size} bytes, but {split_dir / manifest_io.MANIFEST} records {entry.bytes}; "
+                                    "the shard changed since it was written (`segjobs shard verify` checks it).")
+
+
 class BatchStream(torch.utils.data.IterableDataset):
     """Builds batches from positions; in loader workers, worker w builds batches w, w + n, w + 2n, ..."""
 
     def __init__(self, split_dir: Path, pipeline: Pipeline, *, batch_size: int, seed: int, rank: int,
                  world_size: int, train: bool, shuffle_buffer: int, skip_corrupt: bool):
         manifest = manifest_io.load(split_dir)
+        check_sizes(Path(split_dir), manifest)
         self.split_dir = Path(split_dir)
         self.shard_names = [s.name for s in manifest.shards]
         self.shard_sizes = [s.num_samples for s in manifest.shards]
@@ -153,23 +169,34 @@ class BatchStream(torch.utils.data.IterableDataset):
         suffix = next((s for s in IMAGE_SUFFIXES if s in raw), None)
         if suffix is None:
             raise CorruptShardError(f"{where} has no image member.")
-        try:
-            image = Image.open(io.BytesIO(raw[suffix])).convert("RGB")
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise CorruptShardError(f"{where}: image does not decode ({exc}).") from None
+        image = decode(raw[suffix], where, "image").convert("RGB")
         label = None
         if self.manifest.labelled and "seg.png" in raw:
-            try:
-                # Raw indices: Pillow keeps palette PNGs as indices ("P"), unlike converting to greyscale.
-                label = np.asarray(Image.open(io.BytesIO(raw["seg.png"])))
-                if self.manifest.reduce_zero_label:
-                    label = reduce_zero_label(label)
-            except (OSError, SyntaxError, ValueError) as exc:
-                raise CorruptShardError(f"{where}: label does not decode ({exc}).") from None
+            # Raw indices: Pillow keeps palette PNGs as indices ("P"), unlike converting to greyscale.
+            label = np.asarray(decode(raw["seg.png"], where, "label"))
+            if label.ndim != 2:
+                raise CorruptShardError(f"{where}: the label is not a single-channel image (shape {label.shape}).")
+            if self.manifest.reduce_zero_label:
+                label = reduce_zero_label(label)
         rng = np.random.default_rng([self.seed, epoch, flat])
         sample = self.pipeline(image, label, rng)
         sample["key"] = key
         return sample
+
+
+def decode(data: bytes, where: str, what: str) -> Image.Image:
+    """An image member decoded, at most MAX_PIXELS pixels (checked from the header, before decoding)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_PIXELS:
+            raise CorruptShardError(f"{where}: the {what} is {image.width} x {image.height} pixels, over the "
+                                    f"{MAX_PIXELS:,} a sample may have.")
+        image.load()
+        return image
+    except CorruptShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow raises on these bytes (DecompressionBombError too) is the file's
+        raise CorruptShardError(f"{where}: the {decode_failure(what, exc)}.") from None
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -95,26 +95,66 @@ def load(split_dir: Path) -> Manifest:
             f"(e.g. data/shards/ade20k/training), not its parent."
         )
     try:
-        body = json.loads(path.read_text())
-        if body.get("format") != FORMAT:
-            raise ValueError(f"format is {body.get('format')!r}, expected {FORMAT!r}")
-        manifest = Manifest(
-            dataset=body["dataset"],
-            split=body["split"],
-            num_classes=int(body["num_classes"]),
-            shards=[ShardEntry(**s) for s in body["shards"]],
-            rejected=[Rejection(**r) for r in body["rejected"]],
-            reduce_zero_label=bool(body.get("reduce_zero_label", True)),
-            class_names=body.get("class_names"),
-        )
-        names = manifest.class_names
-        if names is not None and (not isinstance(names, list) or len(names) != manifest.num_classes
-                                  or not all(isinstance(n, str) for n in names)):
-            raise ValueError(f"class_names must list {manifest.num_classes} names, one per class")
-        if manifest.num_samples != body["num_samples"]:
-            raise ValueError(f"num_samples is {body['num_samples']} but the shards hold {manifest.num_samples}")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptShardError(f"{path}: not a valid segjobs manifest ({exc}).") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"over {MAX_MANIFEST_BYTES >> 20} MiB")
+        manifest = _validated(json.loads(data.decode("utf-8")))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise CorruptShardError(f"{path}: not a valid segjobs manifest ({str(exc)[:300]}).") from None
+    return manifest
+
+
+MAX_MANIFEST_BYTES = 256 << 20  # ADE20K's is 4 kB; a million shards would be ~150 MB
+MIN_SAMPLE_BYTES = 1024  # a sample is at least two tar members of a 512-byte header and a 512-byte block
+
+
+def _validated(body) -> Manifest:
+    """The manifest a parsed manifest.json describes, or ValueError naming the first field that is wrong."""
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(message)
+
+    def count(value, what: str) -> int:
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"{what} must be a non-negative integer, found {str(value)[:40]!r}")
+        return value
+
+    require(isinstance(body, dict), f"expected a JSON object, found {type(body).__name__}")
+    require(body.get("format") == FORMAT, f"format is {str(body.get('format'))[:40]!r}, expected {FORMAT!r}")
+    for key in ("dataset", "split"):
+        require(isinstance(body.get(key), str), f"{key} must be a string")
+    num_classes = count(body.get("num_classes"), "num_classes")  # 0: image-only shards
+    require(isinstance(body.get("shards"), list), "shards must be a list")
+    shards, names = [], set()
+    for index, entry in enumerate(body["shards"]):
+        require(isinstance(entry, dict) and set(entry) == {"name", "num_samples", "bytes", "sha256"},
+                f"shards[{index}] must hold exactly name, num_samples, bytes and sha256")
+        name = entry["name"]
+        require(isinstance(name, str) and name.endswith(".tar") and "/" not in name and "\\" not in name
+                and not name.startswith(".") and name not in names,
+                f"shards[{index}].name must be a distinct plain .tar file name inside the split folder, found {str(name)[:60]!r}")
+        names.add(name)
+        samples, size = count(entry["num_samples"], f"shards[{index}].num_samples"), count(entry["bytes"], f"shards[{index}].bytes")
+        require(samples * MIN_SAMPLE_BYTES <= size, f"shards[{index}] claims {samples} samples in {size} bytes")
+        require(isinstance(entry["sha256"], str) and len(entry["sha256"]) == 64
+                and all(c in "0123456789abcdef" for c in entry["sha256"]), f"shards[{index}].sha256 must be 64 hex digits")
+        shards.append(ShardEntry(name, samples, size, entry["sha256"]))
+    rejected = body.get("rejected", [])
+    require(isinstance(rejected, list) and all(isinstance(r, dict) and set(r) == {"source", "reason"}
+                                               and all(isinstance(v, str) for v in r.values()) for r in rejected),
+            "rejected must be a list of {source, reason} strings")
+    reduce_zero_label = body.get("reduce_zero_label", True)
+    require(isinstance(reduce_zero_label, bool), "reduce_zero_label must be true or false")
+    names_field = body.get("class_names")
+    require(names_field is None or (isinstance(names_field, list) and len(names_field) == num_classes
+                                    and all(isinstance(n, str) for n in names_field)),
+            f"class_names must list {num_classes} names, one per class")
+    manifest = Manifest(dataset=body["dataset"], split=body["split"], num_classes=num_classes, shards=shards,
+                        rejected=[Rejection(**r) for r in rejected], reduce_zero_label=reduce_zero_label,
+                        class_names=names_field)
+    require(body.get("num_samples") == manifest.num_samples,
+            f"num_samples is {str(body.get('num_samples'))[:40]} but the shards hold {manifest.num_samples}")
     return manifest
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 
 from shards import ade20k
 from shards.ade20k import SourceSample
-from shards.errors import BadSourceError, ShardsError
+from shards.errors import BadSourceError, ShardsError, decode_failure
 from shards.manifest import Manifest, Rejection, ShardEntry, write_atomic
 
 STATE_FILE = ".shard-state.json"  # per-shard source fingerprints, for reruns; not part of the format
@@ -75,6 +75,23 @@ class SplitSummary:
         )
 
 
+def key_problem(key: str) -> str | None:
+    """Why a source file's stem cannot be a sample key, or None. Keys hold no dot: readers split a member
+    name at its first dot into key and extension."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8"
+    if "." in key:
+        return f"the file name's stem {key!r} holds a dot, which a sample key cannot (rename the file)"
+    return None
+
+
+def printable(text: str) -> str:
+    """A file name as text for the manifest, whatever bytes it holds (invalid UTF-8 as \\x escapes)."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def check_sample(sample: SourceSample, image_bytes: bytes, label_bytes: bytes | None) -> CheckResult:
     """Decode the image (and label) from the bytes read once for packing; say why the sample cannot be
     used, or None."""
@@ -86,7 +103,7 @@ def check_sample(sample: SourceSample, image_bytes: bytes, label_bytes: bytes | 
             image.draft("RGB", (size[0] // 8, size[1] // 8))
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return CheckResult(sample.key, f"image does not decode: {exc}")
+        return CheckResult(sample.key, decode_failure("image", exc))
     if sample.label is None:
         return CheckResult(sample.key, None, *size)
     if label_bytes is None:
@@ -99,8 +116,8 @@ def check_sample(sample: SourceSample, image_bytes: bytes, label_bytes: bytes | 
                 )
             label.load()
             highest = label.getextrema()[1]  # raw indices for both modes, no copy
-    except (OSError, SyntaxError, ValueError) as exc:
-        return CheckResult(sample.key, f"label does not decode: {exc}")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return CheckResult(sample.key, decode_failure("label", exc))
     if highest > ade20k.NUM_CLASSES:
         return CheckResult(sample.key, f"label value {highest} > {ade20k.NUM_CLASSES}")
     if label.size != size:
@@ -132,7 +149,7 @@ def fingerprint(samples: list[SourceSample]) -> str:
         for path in (sample.image, sample.label):
             if path is not None:
                 stat = path.stat() if path.exists() else None
-                digest.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+                digest.update(os.fsencode(path) + f"\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -173,15 +190,19 @@ def pack_run(job: tuple[list[SourceSample], str, str, Path | None]) -> PackedRun
     samples, dataset, split, part = job
     blocks, rejected, count = [], [], 0
     for sample in samples:
+        problem = key_problem(sample.key)
+        if problem is not None:
+            rejected.append(Rejection(printable(sample.source), problem))
+            continue
         try:
             image = sample.image.read_bytes()
             label = sample.label.read_bytes() if sample.label is not None and sample.label.is_file() else None
         except OSError as exc:
-            rejected.append(Rejection(sample.source, f"cannot read: {exc.strerror}"))
+            rejected.append(Rejection(printable(sample.source), f"cannot read: {exc.strerror}"))
             continue
         check = check_sample(sample, image, label)
         if check.reason is not None:
-            rejected.append(Rejection(sample.source, check.reason))
+            rejected.append(Rejection(printable(sample.source), check.reason))
             continue
         members = sample_members(sample, check, image, label, dataset, split)
         blocks.extend(tar_member(name, data) for name, data in members)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import models
+from launcher import checkpoint as layout
 from launcher.cli import main as segjobs
 from tests.jobspecs import write_spec
 
@@ -53,6 +54,9 @@ def test_eval_of_a_constant_prediction_matches_the_hand_computed_numbers(trained
     shared["model"]["decoder.head.weight"].zero_()
     shared["model"]["decoder.head.bias"].copy_(torch.nn.functional.one_hot(torch.tensor(k), 150).float())
     torch.save(shared, copied / "shared.pt")
+    meta = json.loads((copied / "meta.json").read_text())  # edited on purpose: record the new file
+    meta["files"]["shared.pt"] = layout.file_record(copied / "shared.pt")
+    (copied / "meta.json").write_text(json.dumps(meta))
 
     assert segjobs(["eval", str(copied), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

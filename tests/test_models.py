@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,33 @@ def test_teacher_momentum_schedule_runs_from_0_996_to_1():
     schedule = cosine_schedule(0.996, 1.0, epochs=10, steps_per_epoch=5)
     assert len(schedule) == 50 and schedule[0] == pytest.approx(0.996) and schedule[-1] == pytest.approx(1.0, abs=1e-5)
     assert (schedule[1:] >= schedule[:-1]).all()
+
+
+def test_schedules_as_functions_equal_the_reference_arrays():
+    """main_dino.py's cosine_scheduler and the teacher-temperature array, restated as arrays, against the pure
+    functions of the step the trainer evaluates (nothing allocated per step)."""
+    from launcher.training.schedules import cosine
+
+    epochs, per_epoch = 7, 5
+    array = cosine_schedule(0.996, 1.0, epochs=epochs, steps_per_epoch=per_epoch)
+    assert [cosine(0.996, 1.0, step, epochs * per_epoch) for step in range(epochs * per_epoch)] == pytest.approx(array, abs=1e-15)
+    loss = DINOLoss(out_dim=4, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30, nepochs=100)
+    reference = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
+    assert [loss.teacher_temp(epoch) for epoch in range(100)] == pytest.approx(reference, abs=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["poly", "cosine", "constant"])
+def test_learning_rate_is_warmup_then_the_decay_of_its_kind(kind):
+    from launcher.spec import parse_spec
+    from launcher.training.schedules import learning_rate
+
+    spec = parse_spec({"name": "s", "model": {"name": "wnet_tiny"}, "data": {"train": "x"}, "train": {"max_steps": 50},
+                       "optim": {"lr": 0.01}, "schedule": {"kind": kind, "warmup_steps": 10, "min_lr": 0.001}}, "test")
+    rates = np.array([learning_rate(spec, step, 50) for step in range(50)])
+    warmup, t = np.linspace(0, 0.01, 10, endpoint=False), np.arange(40) / 40
+    decay = {"poly": 0.001 + 0.009 * (1 - t) ** 0.9, "cosine": 0.001 + 0.0045 * (1 + np.cos(np.pi * t)),
+             "constant": np.full(40, 0.01)}[kind]
+    assert rates == pytest.approx(np.concatenate([warmup, decay]), abs=1e-15)
 
 
 def test_sliding_window_averages_to_whole_image_probabilities_when_one_window_fits():

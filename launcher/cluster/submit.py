@@ -30,19 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
-import yaml
 
 from launcher import checkpoint as layout
 from launcher import runs
 from launcher.cluster import queue
 from launcher.cluster.job import TrainingJob
 from launcher.cluster.sbatch import check_sbatch_safe, sbatch_script, slurm_parameters, tasks_per_node
+from launcher.errors import WorkFailed
 from launcher.spec import JobSpec, SpecError, apply_override, check_environment, parse_spec, read_spec_file, resume_conflict
 
 log = logging.getLogger("segjobs.submit")
 
 
-class SubmitError(Exception):
+class SubmitError(WorkFailed):
     """The scheduler refused the job, or the run is already running (exit status 1)."""
 
 
@@ -238,7 +238,7 @@ def resume(name: str, cluster: str | None = None) -> int:
     if record.get("spec") is not None:
         raw = record["spec"]
     elif (run_dir / "spec.yaml").exists():
-        raw = yaml.safe_load((run_dir / "spec.yaml").read_text())
+        raw = read_spec_file(run_dir / "spec.yaml")
     else:
         raise runs.RunError(f"{run_dir}: no spec recorded (neither run.json nor spec.yaml); submit its job spec instead.")
     if record.get("state") == "COMPLETED":

@@ -52,9 +52,12 @@ def shard_images(src: Path, out: Path, split: str, dataset: str, **options) -> i
 
 def _shard(samples, split_dir: Path, dataset: str, split: str, num_classes: int, class_names: list[str] | None,
            options: dict):
-    with progress_reporter(len(samples), f"{dataset}/{split}") as progress:
-        manifest, summary = write_split(samples, split_dir, dataset=dataset, split=split, num_classes=num_classes,
-                                        class_names=class_names, progress=progress, **options)
+    try:
+        with progress_reporter(len(samples), f"{dataset}/{split}") as progress:
+            manifest, summary = write_split(samples, split_dir, dataset=dataset, split=split, num_classes=num_classes,
+                                            class_names=class_names, progress=progress, **options)
+    except OSError as exc:  # source files that cannot be read are rejected inside; this is the output
+        raise ShardsError(f"{exc.filename or split_dir}: cannot write the shards ({exc.strerror}).") from None
     print(summary.line())
     return manifest
 

@@ -79,6 +79,17 @@ def newest_checkpoint_time(run_dir: Path) -> float | None:
 
 
 def build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> Row:
+    """One run's row; a run whose files are damaged or edited is shown as UNREADABLE with the reason."""
+    try:
+        return _build_row(run_dir, slurm, now)
+    except runs.UnreadableRunError as exc:
+        return Row(name=run_dir.name, run_dir=str(run_dir), state="UNREADABLE", error=str(exc))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field of the wrong type in a hostile run.json
+        return Row(name=run_dir.name, run_dir=str(run_dir), state="UNREADABLE",
+                   error=f"{run_dir / 'run.json'}: a field is not what segjobs writes ({type(exc).__name__}: {str(exc)[:100]})")
+
+
+def _build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> Row:
     record = runs.read_run(run_dir)
     row = Row(name=record.get("name", run_dir.name), run_dir=str(run_dir), model=record.get("model", ""),
               state=record.get("state", "UNKNOWN"), nodes=record.get("nodes", 1), gpus_per_node=record.get("gpus_per_node", 0),
@@ -127,15 +138,21 @@ def refresh_row(run_dir: Path) -> Row:
 
 def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool = False, poll: bool = True) -> list[Row]:
     run_dirs = runs.find_runs(list(names), list(extra_dirs))
-    records = {d: runs.read_run(d) for d in run_dirs}
-    slurm_jobs = [r["submissions"][-1]["job_id"] for r in records.values()
-                  if r.get("submissions") and r["submissions"][-1]["cluster"] == "slurm"]
+    jobs = [_latest_job(d) for d in run_dirs]
+    slurm_jobs = [job["job_id"] for job in jobs if job is not None and job["cluster"] == "slurm"]
     slurm = queue.poll_slurm(slurm_jobs) if poll else {}
     now = time.time()
     rows = [build_row(d, slurm, now) for d in run_dirs]
     if not names and not show_all:
         rows = [r for r in rows if r.active or now - _modified(Path(r.run_dir)) < RECENT_S]
     return rows
+
+
+def _latest_job(run_dir: Path) -> dict | None:
+    try:
+        return runs.latest_job(runs.read_run(run_dir))
+    except runs.UnreadableRunError:  # shown as such by build_row
+        return None
 
 
 def _modified(run_dir: Path) -> float:
@@ -156,7 +173,8 @@ def duration(seconds: float | None) -> str:
 
 
 STATE_STYLE = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "SUBMITTED": "yellow",
-               "REQUEUED": "cyan", "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "red"}
+               "REQUEUED": "cyan", "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "red",
+               "UNREADABLE": "bold red"}
 
 
 def progress_text(row: Row, width: int = 16):
@@ -185,7 +203,7 @@ def table(rows: list[Row]):
         state = Text(row.state, style=STATE_STYLE.get(row.state, ""))
         if row.reason:
             state.append(f" ({row.reason})", style="dim")
-        if row.error and row.state in ("FAILED", "TIMEOUT"):
+        if row.error and row.state in ("FAILED", "TIMEOUT", "UNREADABLE"):
             state.append(f"\n{row.error[:80]}", style="dim red")
         progress = progress_text(row)
         grid.add_row(row.name, row.model, row.job_id or "-", state, f"{row.nodes}×{row.gpus_per_node}",

@@ -7,8 +7,24 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+
+
+def strict(value):
+    """`value` with every NaN or infinity as None: JSON has neither, and readers of metrics.jsonl expect JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def to_json(value, indent: int | None = None) -> str:
+    return json.dumps(strict(value), indent=indent, allow_nan=False)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -42,7 +58,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(to_json(record) + "\n")
 
 
 class LiveView:

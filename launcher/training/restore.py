@@ -17,7 +17,7 @@ import torch
 from launcher import checkpoint as layout
 from launcher import runs
 from launcher.checkpoint import CheckpointError
-from launcher.spec import JobSpec, SpecError, parse_spec
+from launcher.spec import JobSpec, SpecError, parse_spec, read_spec_file
 from launcher.training.checkpointer import load_safely
 from launcher.training.families import task_for_model
 from launcher.training.parallel import build_accelerator
@@ -56,12 +56,10 @@ def output_folder(checkpoint: Path) -> Path:
 def checkpoint_spec(checkpoint: Path, overrides: list[str]) -> JobSpec:
     raw = layout.read_meta(checkpoint).get("spec")
     if raw is None:  # written before checkpoints carried their spec: the run's spec.yaml
-        import yaml
-
         spec_file = checkpoint.parent.parent / "spec.yaml"
         if not spec_file.exists():
             raise SpecError(f"{checkpoint}: no spec in meta.json and no {spec_file}.")
-        raw = yaml.safe_load(spec_file.read_text())
+        raw = read_spec_file(spec_file)
     return parse_spec(raw, str(checkpoint), overrides)
 
 
@@ -71,11 +69,21 @@ def restore(target: str, overrides: list[str] = ()):
     spec = checkpoint_spec(checkpoint, list(overrides))
     accelerator = build_accelerator(spec.train.precision if torch.cuda.is_available() else "no")
     spec.model.pretrained = None  # the checkpoint holds every weight
-    task = task_for_model(spec.model.name)(spec, accelerator, 1, 1)
+    try:
+        task_class = task_for_model(spec.model.name)
+    except KeyError:
+        raise SpecError(f"{checkpoint}: model.name {spec.model.name[:60]!r} in its spec is not a registered model "
+                        "(see `segjobs models`).") from None
+    task = task_class(spec, accelerator, 1, 1)
     # weights_only: a checkpoint from elsewhere cannot run code when loaded (the RNG files are not read).
     shared = load_safely(checkpoint / "shared.pt", torch.load, map_location="cpu", weights_only=True)
-    task.model.load_state_dict(shared["model"])
-    task.load_extra_state(shared["task"])
+    try:
+        task.model.load_state_dict(shared["model"])
+        task.load_extra_state(shared["task"])
+    except (KeyError, TypeError, RuntimeError) as exc:  # torch explains a mismatch over many lines: keep the first
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"{checkpoint}: its weights are not those of {spec.model.name}, the model its meta.json "
+                        f"names ({first}).") from None
     task.parallel_wrap(lambda module, trainable=True: module.to(accelerator.device))  # every network of the task
     task.model.eval()
     return spec, task, accelerator, checkpoint

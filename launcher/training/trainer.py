@@ -10,8 +10,8 @@ checkpoints is resumed from the latest one.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,15 +22,20 @@ import torch
 
 from launcher import checkpoint as layout
 from launcher import runs
-from launcher.spec import JobSpec, SpecError, check_environment, resume_conflict, resume_fingerprint
+from launcher.errors import WorkFailed
+from launcher.spec import MAX_STEPS, JobSpec, SpecError, check_environment, resume_conflict, resume_fingerprint
 from launcher.training.checkpointer import Checkpointer, set_rng_state
 from launcher.training.families import task_for_model
 from launcher.training.families.base import StepContext
-from launcher.training.metrics_log import LiveView, MetricsLog
+from launcher.training.metrics_log import LiveView, MetricsLog, to_json
 from launcher.training.parallel import build_accelerator, make_wrap, raw_optimizer
-from launcher.training.schedules import learning_rates, weight_decays
+from launcher.training.schedules import learning_rate, weight_decay
 
 log = logging.getLogger("segjobs.train")
+
+
+class DivergedError(WorkFailed):
+    """The loss became NaN or infinite (exit status 1)."""
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Trainer:
         self.run_dir = spec.run_dir
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", accelerator.is_main_process)
 
+        if spec.data.verify and accelerator.is_main_process:
+            verify_shards([spec.data.train, *([spec.data.val] if spec.data.val else [])])
         loader_options = dict(seed=spec.seed, num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer,
                               skip_corrupt=spec.data.skip_corrupt, pin_memory=cuda)
         self.train_loader = build_loader(spec.data.train, task_class.train_pipeline(spec), batch_size=spec.data.batch_size,
@@ -76,6 +83,9 @@ class Trainer:
         self.steps_per_epoch = max(len(self.train_loader) // spec.train.grad_accum, 1)
         limits = [n for n in (spec.train.max_steps, spec.train.epochs and spec.train.epochs * self.steps_per_epoch) if n]
         self.total_steps = min(limits)
+        if self.total_steps > MAX_STEPS:
+            raise SpecError(f"{source}: train.epochs: {spec.train.epochs} epochs of {self.steps_per_epoch} steps is "
+                            f"{self.total_steps:,} steps, over the {MAX_STEPS:,} a schedule may span.")
         set_seed(spec.seed)  # identical initial weights on every rank
         self.task = task_class(spec, accelerator, self.steps_per_epoch, self.total_steps)
         self.task.check_data(self.train_loader.manifest)
@@ -83,8 +93,6 @@ class Trainer:
                          shard_units=self.task.shard_units)
         self.task.parallel_wrap(wrap)
         self.task.optimizers = [accelerator.prepare_optimizer(o) for o in self.task.optimizers]
-        self.lrs = learning_rates(spec, self.total_steps)
-        self.wds = weight_decays(spec, self.total_steps)
         self.checkpointer = Checkpointer(layout.checkpoints_folder(self.run_dir), spec.checkpoint.keep, self.rank, self.world)
         self.progress = Progress()
         self.checkpoint_requested = self.stop_requested = self.stopped = False
@@ -187,9 +195,9 @@ class Trainer:
                 step = self.progress.step
                 for optimizer in self.task.optimizers:
                     for group in optimizer.param_groups:
-                        group["lr"] = float(self.lrs[step])
+                        group["lr"] = learning_rate(spec, step, self.total_steps)
                         if group.get("decay"):
-                            group["weight_decay"] = float(self.wds[step])
+                            group["weight_decay"] = weight_decay(spec, step, self.total_steps)
                 losses = self.task.train_step(batch, StepContext(step=step, epoch=epoch, accelerator=accelerator))
                 for name, value in losses.items():
                     running[name] = running.get(name, 0) + value
@@ -201,7 +209,7 @@ class Trainer:
                 step = self.progress.step
                 if step % spec.train.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_start - paused
-                    record = {"step": step, "epoch": epoch, "lr": float(self.lrs[step - 1]),
+                    record = {"step": step, "epoch": epoch, "lr": learning_rate(spec, step - 1, self.total_steps),
                               "samples_per_s": window_samples / elapsed, "data_wait": wait / elapsed,
                               "skipped": self.train_loader.skipped}
                     for name, total in running.items():
@@ -210,6 +218,8 @@ class Trainer:
                     if torch.cuda.is_available():
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                     self.metrics.write(record)
+                    if not math.isfinite(record["loss"]):
+                        raise DivergedError(self._divergence(record["loss"], step))
                     view.update(step, record)
                     log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps, record["loss"], record["lr"], record["samples_per_s"])
                     running, window_start, wait, window_samples, paused = {}, time.perf_counter(), 0.0, 0, 0.0
@@ -244,6 +254,12 @@ class Trainer:
         self.train_loader.close()
         return last_eval
 
+    def _divergence(self, loss: float, step: int) -> str:
+        latest = self.checkpointer.latest()
+        resume = f"the last checkpoint is {latest}" if latest else "there is no checkpoint yet"
+        return (f"{self.source}: the loss is {loss} at step {step}; training stopped ({resume}). Lower optim.lr, "
+                "lengthen schedule.warmup_steps or set train.clip_grad, then train again (it resumes).")
+
     def _agree(self, *decisions: bool) -> list[bool]:
         """Rank 0's decisions, on every rank (time and signals differ across ranks; the ranks must not)."""
         flags = torch.tensor([1.0 if d else 0.0 for d in decisions], device=self.accelerator.device)
@@ -256,11 +272,22 @@ class Trainer:
         step = self.progress.step
         if self.accelerator.is_main_process:
             (self.run_dir / "eval").mkdir(exist_ok=True)
-            (self.run_dir / "eval" / f"{layout.step_name(step)}.json").write_text(json.dumps(result, indent=1))
+            (self.run_dir / "eval" / f"{layout.step_name(step)}.json").write_text(to_json(result, indent=1))
             self.metrics.write({"step": step, "epoch": self.train_loader.epoch,
                                 "eval": {k: v for k, v in result.items() if k != "iou"}})
         log.info("eval at step %d: mIoU %.4f, pixel accuracy %.4f", step, result["miou"], result["pixel_acc"])
         return result
+
+
+def verify_shards(split_dirs: list[Path]) -> None:
+    """data.verify: every shard's size and sha256 as its manifest records them, before the first step."""
+    from shards.errors import CorruptShardError
+    from shards.reader import verify_split
+
+    problems = [problem for split_dir in split_dirs for problem in verify_split(split_dir)]
+    if problems:
+        raise CorruptShardError(f"data.verify: {len(problems)} shard(s) differ from their manifest: {'; '.join(problems[:5])}.")
+    log.info("data.verify: every shard matches its manifest")
 
 
 def drop_state_not_saved(optimizer: torch.optim.Optimizer, saved: dict) -> None:

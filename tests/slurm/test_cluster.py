@@ -34,18 +34,19 @@ def submit(spec: Path, *args: str, capsys) -> tuple[str, Path]:
 
 
 def wait_for(run_dir: Path, states: set[str], timeout: float = 300, until=None) -> status.Row:
-    """Poll as `segjobs status` does; a job waiting after a requeue (BeginTime, ~120 s) is released within seconds.
-    Not at once: slurmd refuses a restart whose credential bears the same second as the requeue ("Job already
-    killed, do not launch batch job") and the job ends FAILED."""
+    """Poll as `segjobs status` does; a job waiting after a requeue (BeginTime, ~120 s) is released 2 s after the
+    requeue. Not sooner: slurmd refuses a restart whose credential bears the same second as the requeue ("Job
+    already killed, do not launch batch job") and the job ends FAILED."""
     deadline = time.monotonic() + timeout
     released = set()
     while time.monotonic() < deadline:
         record = runs.read_run(run_dir)
         job = runs.latest_job(record)["job_id"]
         row = status.build_row(run_dir, queue.poll_slurm([job]), time.time())
-        if row.reason == "BeginTime" and (job, row.requeues) not in released:
+        requeued_at = record["requeues"][-1]["time"] if record.get("requeues") else 0.0
+        if row.reason == "BeginTime" and (job, row.requeues) not in released and time.time() - requeued_at > 2:
             released.add((job, row.requeues))
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         if row.state in states and (until is None or until(row)):
             return row
         time.sleep(0.5)

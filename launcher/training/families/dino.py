@@ -19,7 +19,8 @@ from launcher.training.families.registry import register_family
 from launcher.training.metrics import SegmentationMetric, kmeans
 from launcher.training.parallel import unwrap
 from launcher.training.pictures import IGNORE_INDEX, grid, heatmap, overlay, to_batch
-from models.dino import DINOLoss, attention_masks, cancel_last_layer_gradients, clip_gradients, cosine_schedule, ema_update
+from launcher.training.schedules import cosine
+from models.dino import DINOLoss, attention_masks, cancel_last_layer_gradients, clip_gradients, ema_update
 from shards.transforms import DinoMultiCrop, WNetCrop
 
 EVAL_CLUSTERS = 20
@@ -43,7 +44,7 @@ class DinoTask(Task):
         ncrops = 2 + spec.data.local_crops
         self.loss = DINOLoss(self.model.config.out_dim, ncrops, spec.dino.warmup_teacher_temp, spec.dino.teacher_temp,
                              spec.dino.warmup_teacher_temp_epochs, epochs).to(accelerator.device)
-        self.momentum = cosine_schedule(spec.dino.momentum_teacher, 1.0, epochs, steps_per_epoch)
+        self.momentum_steps = epochs * steps_per_epoch  # the reference's schedule spans whole epochs
 
     @staticmethod
     def train_pipeline(spec):
@@ -84,7 +85,7 @@ class DinoTask(Task):
             self.optimizers[0].step()
             self.optimizers[0].zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
-            momentum = float(self.momentum[min(context.step, len(self.momentum) - 1)])
+            momentum = cosine(self.spec.dino.momentum_teacher, 1.0, min(context.step, self.momentum_steps - 1), self.momentum_steps)
             ema_update(unwrap(self.teacher), unwrap(self.model), momentum)
         return {"loss": loss.detach()}
 
