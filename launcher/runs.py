@@ -5,11 +5,16 @@ transitions below (submitted, started, requeued, completed, failed, cancelled, s
     name, model, cluster ("slurm" | "local" | "foreground"), state (SUBMITTED, RUNNING, REQUEUED,
     COMPLETED, FAILED, CANCELLED, TIMEOUT), error, spec (the resolved spec of the latest submission),
     nodes, gpus_per_node, tasks, timeout_min, total_steps, global_batch,
-    submissions: [{job_id, time, cluster, log_folder, overrides}],
-    starts: [{job_id, time, restart_count, world_size}], requeues: [{job_id, time, reason, step}]
+    submissions: [{job_id, time, cluster, log_folder, overrides, pid_start (local jobs)}],
+    starts: [{job_id, time, restart_count, world_size, host, pid, pid_start}],
+    requeues: [{job_id, time, reason, step}]
+A run.json that is not such a record (damaged, edited) reads as UnreadableRunError; the next transition
+renames it aside and starts a new one.
 
 The index ($SEGJOBS_HOME/index.json, default ~/.segjobs) lists the absolute run directories that
 `segjobs submit` and `segjobs train` touched, so `segjobs status` finds runs wherever their output_dir is.
+
+run.lock (see RunLock) names the one process that trains the run. Locks are filelock's lock files.
 
 Note: on a cluster, run directories and $SEGJOBS_HOME must be on a file system every node sees.
 """
