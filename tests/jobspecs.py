@@ -36,6 +36,19 @@ def write_spec(tmp_path: Path, shard_root: Path, family: str, name: str = "run",
     return path
 
 
+def same_losses(run_dir: Path, reference: Path) -> bool:
+    """The losses of a resumed run against an uninterrupted one, step by step: equal floats on the CPU. On a GPU,
+    attention and cross-entropy backward use atomic adds, so two uninterrupted runs already differ by ~1e-7;
+    a state lost at resume (an RNG, an optimizer moment) differs by 1e-3 and more."""
+    import pytest
+    import torch
+
+    resumed, expected = losses(run_dir), losses(reference)
+    if torch.cuda.is_available():
+        return resumed == pytest.approx(expected, rel=1e-5)
+    return resumed == expected
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
