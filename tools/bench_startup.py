@@ -48,8 +48,9 @@ def main() -> None:
                        cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([*SEGJOBS, "shard", "ade20k", str(data), str(Path(tmp) / "shards")], cwd=REPO, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        submit = [*SEGJOBS, "submit", "jobs/dino_vits8.yaml", "--dry-run", "--set", f"data.train={Path(tmp) / 'shards' / 'training'}",
-                  "--set", f"output_dir={Path(tmp) / 'runs' / 'dino'}"]
+        shards = Path(tmp) / "shards"
+        submit = [*SEGJOBS, "submit", "jobs/dino_vits8.yaml", "--dry-run", "--set", f"data.train={shards / 'training'}",
+                  "--set", f"data.val={shards / 'validation'}", "--set", f"output_dir={Path(tmp) / 'runs' / 'dino'}"]
         figures = [("python -c pass", median_wall([sys.executable, "-c", "pass"], args.repeats, env)),
                    ("python -c 'import torch'", median_wall([sys.executable, "-c", "import torch"], args.repeats, env)),
                    (f"segjobs status --all ({args.runs} runs)", median_wall([*SEGJOBS, "status", "--all"], args.repeats, env)),
