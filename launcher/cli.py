@@ -6,6 +6,7 @@
     segjobs shard verify data/shards/ade20k/training
     segjobs models --json
     segjobs train jobs/demo_segmenter.yaml --set train.max_steps=100
+    segjobs plan jobs/dino_vits16.yaml --world-size 16 --plot plan.png
     segjobs submit jobs/dino_vits8.yaml --set resources.partition=gpu
     segjobs status --watch
     segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="one run per value (several --sweep: every combination), submitted as one job array")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+
+    planning = commands.add_parser("plan", parents=[overriding],
+                                   help="what a spec will do: batch, steps, epochs, peak lr, every schedule (before any GPU hour)")
+    planning.add_argument("spec", help="a job spec YAML file")
+    planning.add_argument("--world-size", type=int, help="processes (default: resources.nodes x tasks per node)")
+    planning.add_argument("--samples", type=int, help="training samples (default: from data.train's manifest)")
+    planning.add_argument("--json", action="store_true", help="one JSON object with every schedule's value per step")
+    planning.add_argument("--plot", type=Path, metavar="FILE.png", help="draw every schedule against the step")
 
     status = commands.add_parser("status", help="a table of runs: SLURM state, progress, loss, ETA, checkpoints")
     status.add_argument("runs", nargs="*", metavar="RUN", help="run names or folders (default: recent runs)")
@@ -213,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "resume":
             return submit.resume(args.run, args.cluster)
         return submit.cancel(args.run)
+    if args.command == "plan":
+        from launcher.commands import plan
+
+        return plan.main(args.spec, args.overrides, args.world_size, args.samples, args.json, args.plot)
     if args.command in ("status", "logs"):
         from launcher.commands import status
 

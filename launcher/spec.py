@@ -62,7 +62,8 @@ class DataSpec(Section):
 
 class OptimSpec(Section):
     kind: Literal["adamw", "sgd"] = Field("adamw", description="adamw (DINO) or sgd (Segmenter paper, momentum 0.9).")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (before lr_scaling).")
+    lr_scaling: Literal["none", "linear256"] = Field("none", description="linear256: the peak is lr x global batch / 256, as main_dino.py computes it (DINO: lr 0.0005).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (DINO: 0.04 rising to `weight_decay_end`).")
     weight_decay_end: float | None = Field(None, ge=0, description="Final weight decay of a cosine schedule (DINO: 0.4); None keeps it constant.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
@@ -70,15 +71,22 @@ class OptimSpec(Section):
 
 
 class ScheduleSpec(Section):
-    kind: Literal["poly", "cosine", "constant"] = Field("cosine", description="poly (Segmenter: power 0.9), cosine (DINO) or constant.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many optimizer steps (DINO: 10 epochs).")
+    kind: Literal["poly", "cosine", "constant"] = Field("cosine", description="poly (Segmenter: power 0.9), cosine (DINO's cosine_scheduler) or constant, from the peak to min_lr over the horizon after the warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0, reaching the peak on its last step, over this many optimizer steps.")
+    warmup_epochs: float | None = Field(None, ge=0, description="The warmup in epochs instead (DINO: 10); replaces warmup_steps.")
     power: float = Field(0.9, gt=0, description="Exponent of the poly schedule.")
     min_lr: float = Field(0.0, ge=0, description="Final learning rate.")
 
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "ScheduleSpec":
+        if self.warmup_epochs is not None and self.warmup_steps:
+            raise ValueError("set schedule.warmup_epochs or schedule.warmup_steps, not both")
+        return self
+
 
 class TrainSpec(Section):
-    epochs: int | None = Field(None, ge=1, description="Passes over the training split; training stops at epochs or max_steps, whichever comes first.")
-    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to train (Segmenter paper: 160k iterations).")
+    epochs: int | None = Field(None, ge=1, description="Passes over the training split: the horizon of every schedule is epochs x steps per epoch.")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to train: the schedules' horizon without epochs; with epochs it only stops training early, on the full run's curve.")
     precision: Literal["bf16", "fp16", "no"] = Field("bf16", description="Autocast dtype; bf16 needs no loss scaling. `no` for fp32 (and for bit-exact CPU tests).")
     strategy: Literal["ddp", "fsdp", "none"] = Field("ddp", description="How the model is replicated across processes (FSDP: torch's fully_shard, per block).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -155,7 +163,7 @@ class JobSpec(Section):
 
 
 # Changing these makes a checkpoint meaningless: resuming with a different value is refused.
-RESUME_KEYS = ("model.name", "model.options", "optim.kind", "seed")
+RESUME_KEYS = ("model.name", "model.options", "optim.kind", "optim.lr_scaling", "schedule.kind", "seed")
 
 
 def resume_fingerprint(spec: JobSpec) -> dict:
@@ -173,7 +181,7 @@ def resume_fingerprint(spec: JobSpec) -> dict:
 def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
     """Why a checkpoint written with the fingerprint `saved` cannot be resumed under `spec` (None if it can)."""
     now = resume_fingerprint(spec)
-    changed = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]  # older checkpoints record fewer keys
     if not changed:
         return None
     differences = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)

@@ -125,22 +125,15 @@ class DINOLoss(nn.Module):
     (0.04 -> 0.07 over 30 epochs in the paper; above 0.07 training tends to be unstable)."""
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
-                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+                 warmup_teacher_temp_epochs: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         self.ncrops, self.student_temp, self.center_momentum = ncrops, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # The reference's array (np.linspace over the warmup epochs, then teacher_temp for the rest of nepochs)
-        # as a function of the epoch: nothing is allocated per epoch.
-        self.warmup_teacher_temp, self.teacher_temp_final = warmup_teacher_temp, teacher_temp
+        self.warmup_teacher_temp, self.final_teacher_temp = warmup_teacher_temp, teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
 
     def teacher_temp(self, epoch: int) -> float:
-        warmup = self.warmup_teacher_temp_epochs
-        if epoch >= warmup:
-            return self.teacher_temp_final
-        if warmup == 1:
-            return self.warmup_teacher_temp
-        return self.warmup_teacher_temp + epoch * ((self.teacher_temp_final - self.warmup_teacher_temp) / (warmup - 1))
+        return teacher_temperature(epoch, self.warmup_teacher_temp, self.final_teacher_temp, self.warmup_teacher_temp_epochs)
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         student = (student_output / self.student_temp).chunk(self.ncrops)
@@ -164,6 +157,16 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_center)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)
+
+
+def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
+    """The reference's per-epoch array, np.linspace(warmup_temp, temp, warmup_epochs) then temp, as a function:
+    nothing is allocated per epoch."""
+    if epoch >= warmup_epochs:
+        return temp
+    if warmup_epochs == 1:
+        return warmup_temp
+    return warmup_temp + epoch * ((temp - warmup_temp) / (warmup_epochs - 1))
 
 
 def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,

@@ -139,7 +139,7 @@ def test_ncut_of_a_perfect_segmentation_is_low():
 
 def test_dino_loss_matches_a_hand_computed_case():
     loss_fn = DINOLoss(out_dim=2, ncrops=3, warmup_teacher_temp=0.5, teacher_temp=0.5, warmup_teacher_temp_epochs=0,
-                       nepochs=1, student_temp=1.0, center_momentum=0.5)
+                       student_temp=1.0, center_momentum=0.5)
     loss_fn.center.fill_(0.0)
     student = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # crops 0, 1 (global) and 2 (local), batch 1
     teacher = torch.tensor([[0.0, 0.5], [0.5, 0.0]])
@@ -175,7 +175,7 @@ def test_schedules_as_functions_equal_the_reference_arrays():
     epochs, per_epoch = 7, 5
     array = cosine_schedule(0.996, 1.0, epochs=epochs, steps_per_epoch=per_epoch)
     assert [cosine(0.996, 1.0, step, epochs * per_epoch) for step in range(epochs * per_epoch)] == pytest.approx(array, abs=1e-15)
-    loss = DINOLoss(out_dim=4, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30, nepochs=100)
+    loss = DINOLoss(out_dim=4, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     reference = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
     assert [loss.teacher_temp(epoch) for epoch in range(100)] == pytest.approx(reference, abs=1e-15)
 
@@ -183,12 +183,13 @@ def test_schedules_as_functions_equal_the_reference_arrays():
 @pytest.mark.parametrize("kind", ["poly", "cosine", "constant"])
 def test_learning_rate_is_warmup_then_the_decay_of_its_kind(kind):
     from launcher.spec import parse_spec
-    from launcher.training.schedules import learning_rate
+    from launcher.training.schedules import Horizon, learning_rate
 
     spec = parse_spec({"name": "s", "model": {"name": "wnet_tiny"}, "data": {"train": "x"}, "train": {"max_steps": 50},
                        "optim": {"lr": 0.01}, "schedule": {"kind": kind, "warmup_steps": 10, "min_lr": 0.001}}, "test")
-    rates = np.array([learning_rate(spec, step, 50) for step in range(50)])
-    warmup, t = np.linspace(0, 0.01, 10, endpoint=False), np.arange(40) / 40
+    horizon = Horizon.of(spec, steps_per_epoch=7, global_batch=64)
+    rates = np.array([learning_rate(spec, horizon, step) for step in range(50)])
+    warmup, t = np.linspace(0, 0.01, 10), np.arange(40) / 40  # the warmup reaches the peak on its last step
     decay = {"poly": 0.001 + 0.009 * (1 - t) ** 0.9, "cosine": 0.001 + 0.0045 * (1 + np.cos(np.pi * t)),
              "constant": np.full(40, 0.01)}[kind]
     assert rates == pytest.approx(np.concatenate([warmup, decay]), abs=1e-15)

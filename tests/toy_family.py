@@ -47,8 +47,8 @@ def toy_pixels(**options) -> ToyNet:
 
 @register_family("toy")
 class ToyTask(Task):
-    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
-        super().__init__(spec, accelerator, steps_per_epoch, total_steps)
+    def __init__(self, spec, accelerator, horizon):
+        super().__init__(spec, accelerator, horizon)
         self.num_classes = self.model.config.num_classes
 
     @staticmethod

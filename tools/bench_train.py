@@ -75,7 +75,7 @@ def bare_rate(spec_file: Path, overrides: list[str], steps: int, warmup: int) ->
         teacher = models.create(spec.model.name, **spec.model.options).to(device).requires_grad_(False)
         crops = [torch.randn(batch, 3, spec.data.global_crop_size, spec.data.global_crop_size, device=device)] * 2
         crops += [torch.randn(batch, 3, spec.data.local_crop_size, spec.data.local_crop_size, device=device)] * spec.data.local_crops
-        loss_fn = DINOLoss(model.config.out_dim, len(crops), 0.04, 0.04, 0, 10).to(device)
+        loss_fn = DINOLoss(model.config.out_dim, len(crops), 0.04, 0.04, 0).to(device)
 
         def loss():
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -21,6 +21,7 @@ from launcher.spec import JobSpec, SpecError, parse_spec, read_spec_file
 from launcher.training.checkpointer import load_safely
 from launcher.training.families import task_for_model
 from launcher.training.parallel import build_accelerator
+from launcher.training.schedules import Horizon
 
 log = logging.getLogger("segjobs.eval")
 
@@ -74,7 +75,7 @@ def restore(target: str, overrides: list[str] = ()):
     except KeyError:
         raise SpecError(f"{checkpoint}: model.name {spec.model.name[:60]!r} in its spec is not a registered model "
                         "(see `segjobs models`).") from None
-    task = task_class(spec, accelerator, 1, 1)
+    task = task_class(spec, accelerator, Horizon(steps_per_epoch=1, steps=1, stop=1, global_batch=1, warmup=0))
     # weights_only: a checkpoint from elsewhere cannot run code when loaded (the RNG files are not read).
     shared = load_safely(checkpoint / "shared.pt", torch.load, map_location="cpu", weights_only=True)
     try:

@@ -29,7 +29,7 @@ from launcher.training.families import task_for_model
 from launcher.training.families.base import StepContext
 from launcher.training.metrics_log import LiveView, MetricsLog, to_json
 from launcher.training.parallel import build_accelerator, make_wrap, raw_optimizer
-from launcher.training.schedules import learning_rate, weight_decay
+from launcher.training.schedules import Horizon, learning_rate, peak_learning_rate, weight_decay
 
 log = logging.getLogger("segjobs.train")
 
@@ -80,14 +80,17 @@ class Trainer:
             self.eval_loader = build_loader(spec.data.val, task_class.eval_pipeline(spec), batch_size=spec.data.eval_batch_size,
                                             rank=self.rank if sharded else 0, world_size=self.world if sharded else 1,
                                             train=False, **{**loader_options, "pin_memory": False})
-        self.steps_per_epoch = max(len(self.train_loader) // spec.train.grad_accum, 1)
-        limits = [n for n in (spec.train.max_steps, spec.train.epochs and spec.train.epochs * self.steps_per_epoch) if n]
-        self.total_steps = min(limits)
-        if self.total_steps > MAX_STEPS:
+        self.horizon = Horizon.for_samples(spec, self.train_loader.stream.num_samples, self.world)  # as `segjobs plan`
+        self.steps_per_epoch, self.global_batch = self.horizon.steps_per_epoch, self.horizon.global_batch
+        self.total_steps = self.horizon.stop
+        if self.horizon.steps > MAX_STEPS:
             raise SpecError(f"{source}: train.epochs: {spec.train.epochs} epochs of {self.steps_per_epoch} steps is "
-                            f"{self.total_steps:,} steps, over the {MAX_STEPS:,} a schedule may span.")
+                            f"{self.horizon.steps:,} steps, over the {MAX_STEPS:,} a schedule may span.")
+        if spec.optim.lr_scaling == "linear256":
+            log.info("lr_scaling linear256: peak learning rate %.3g = %g x global batch %d / 256",
+                     peak_learning_rate(spec, self.global_batch), spec.optim.lr, self.global_batch)
         set_seed(spec.seed)  # identical initial weights on every rank
-        self.task = task_class(spec, accelerator, self.steps_per_epoch, self.total_steps)
+        self.task = task_class(spec, accelerator, self.horizon)
         self.task.check_data(self.train_loader.manifest)
         wrap = make_wrap(accelerator, spec.train.strategy, spec.train.compile, channels_last=task_class.channels_last,
                          shard_units=self.task.shard_units)
@@ -178,6 +181,8 @@ class Trainer:
     def _loop(self, view: LiveView) -> dict | None:
         spec, accelerator = self.spec, self.accelerator
         batch_size = spec.data.batch_size * self.world
+        # Schedules follow samples seen, counted at optimizer steps: after an elastic resume, the same curve.
+        step_samples = self.progress.samples
         running: dict[str, torch.Tensor] = {}
         window_start, wait, window_samples = time.perf_counter(), 0.0, 0
         paused = 0.0  # seconds of checkpointing and evaluation inside the current window
@@ -192,13 +197,10 @@ class Trainer:
                 if batch is None:
                     break
                 wait += time.perf_counter() - fetch
-                step = self.progress.step
-                for optimizer in self.task.optimizers:
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(spec, step, self.total_steps)
-                        if group.get("decay"):
-                            group["weight_decay"] = weight_decay(spec, step, self.total_steps)
-                losses = self.task.train_step(batch, StepContext(step=step, epoch=epoch, accelerator=accelerator))
+                step, position = self.progress.step, step_samples / self.global_batch
+                lr = apply_schedules(self.task.optimizers, spec, self.horizon, position)
+                context = StepContext(step=step, epoch=epoch, position=position, accelerator=accelerator)
+                losses = self.task.train_step(batch, context)
                 for name, value in losses.items():
                     running[name] = running.get(name, 0) + value
                 window_samples += batch_size
@@ -206,10 +208,10 @@ class Trainer:
                 if not accelerator.sync_gradients:
                     continue
                 self.progress.step += 1
-                step = self.progress.step
+                step, step_samples = self.progress.step, self.progress.samples
                 if step % spec.train.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_start - paused
-                    record = {"step": step, "epoch": epoch, "lr": learning_rate(spec, step - 1, self.total_steps),
+                    record = {"step": step, "epoch": epoch, "lr": lr,
                               "samples_per_s": window_samples / elapsed, "data_wait": wait / elapsed,
                               "skipped": self.train_loader.skipped}
                     for name, total in running.items():
@@ -279,6 +281,18 @@ class Trainer:
         return result
 
 
+def apply_schedules(optimizers, spec: JobSpec, horizon: Horizon, position: float) -> float:
+    """Set every group's learning rate, and the decaying groups' weight decay, for the step at `position`
+    (main_dino.py: param_group["lr"] = lr_schedule[it]; the regularized group's weight decay likewise)."""
+    lr, decay = learning_rate(spec, horizon, position), weight_decay(spec, horizon, position)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("decay"):
+                group["weight_decay"] = decay
+    return lr
+
+
 def verify_shards(split_dirs: list[Path]) -> None:
     """data.verify: every shard's size and sha256 as its manifest records them, before the first step."""
     from shards.errors import CorruptShardError
@@ -321,7 +335,7 @@ def _run_locked(spec: JobSpec, source: str, job_id: str | None, cluster: str, re
     if main:
         start = {"job_id": job_id, "time": time.time(), "restart_count": restart_count, "world_size": trainer.world}
         runs.started(trainer.run_dir, start, name=spec.name, model=spec.model.name, cluster=cluster,
-                     total_steps=trainer.total_steps, global_batch=spec.data.batch_size * spec.train.grad_accum * trainer.world)
+                     total_steps=trainer.total_steps, global_batch=trainer.global_batch)
     if on_trainer is not None:
         on_trainer(trainer)
     try:

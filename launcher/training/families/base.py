@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from launcher.training.parallel import unwrap
+from launcher.training.schedules import Horizon, learning_rate, peak_learning_rate, weight_decay
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class StepContext:
     step: int  # optimizer steps taken before this one
     epoch: int
+    position: float  # where the schedules are: samples seen / global batch (= step unless resumed elastically)
     accelerator: Any
 
 
@@ -46,7 +49,8 @@ class Task(ABC):
     eval_modes = ("whole",)  # Segmenter adds "slide" (overlapping windows of the training crop)
     frames_name: str | None = None  # the animation over a folder of frames (DINO: attention.gif); None: none
 
-    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
+    def __init__(self, spec, accelerator, horizon: Horizon):
+        """`horizon` holds the steps per epoch and the schedules' length (launcher.training.schedules)."""
         import models
 
         self.spec = spec
@@ -70,6 +74,21 @@ class Task(ABC):
         from launcher.spec import SpecError
 
         raise SpecError(f"--pretrained: the {cls.family} family has no pretrained shortcut; set model.pretrained in a spec.")
+
+    @classmethod
+    def schedules(cls, spec, horizon: Horizon) -> dict:
+        """Name -> function of the position (optimizer steps done) for every schedule the family follows;
+        `segjobs plan` evaluates these, the trainer and train_step the same functions."""
+        return {"lr": partial(learning_rate, spec, horizon), "weight_decay": partial(weight_decay, spec, horizon)}
+
+    @classmethod
+    def hyper(cls, spec, horizon: Horizon) -> dict:
+        """The resolved values the schedules use (`segjobs plan --json`)."""
+        sched, optim = spec.schedule, spec.optim
+        warmup = {"warmup_epochs": sched.warmup_epochs} if sched.warmup_epochs is not None else {"warmup_steps": sched.warmup_steps}
+        return {"lr": optim.lr, "lr_peak": peak_learning_rate(spec, horizon.global_batch), "lr_scaling": optim.lr_scaling,
+                "schedule": sched.kind, "min_lr": sched.min_lr, **warmup, "warmup_iters": horizon.warmup,
+                "weight_decay": optim.weight_decay, "weight_decay_end": optim.weight_decay_end}
 
     def check_data(self, manifest) -> None:
         """Refuse training shards this task cannot learn from (their manifest's num_classes, say)."""

@@ -5,22 +5,21 @@ Pictures: the teacher's per-head CLS attention and its 60%-mass masks; an animat
 
 from __future__ import annotations
 
-import copy
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from launcher.training.families.base import StepContext, Task, normalize, to_device, transformer_blocks
+import models
+from launcher.training.families.base import StepContext, Task, make_optimizer, normalize, to_device, transformer_blocks
 from launcher.training.families.registry import register_family
 from launcher.training.metrics import SegmentationMetric, kmeans
 from launcher.training.parallel import unwrap
 from launcher.training.pictures import IGNORE_INDEX, grid, heatmap, overlay, to_batch
 from launcher.training.schedules import cosine
-from models.dino import DINOLoss, attention_masks, cancel_last_layer_gradients, clip_gradients, ema_update
+from models.dino import (DINOLoss, attention_masks, cancel_last_layer_gradients, clip_gradients, ema_update,
+                         teacher_temperature)
 from shards.transforms import DinoMultiCrop, WNetCrop
 
 EVAL_CLUSTERS = 20
@@ -35,16 +34,32 @@ class DinoTask(Task):
     supervised = False
     eval_sharded = False  # k-means must see the whole split: every rank evaluates all of it, identically
 
-    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
-        super().__init__(spec, accelerator, steps_per_epoch, total_steps)
-        self.teacher = copy.deepcopy(self.model)  # the same initial weights as the student (the reference)
+    def __init__(self, spec, accelerator, horizon):
+        super().__init__(spec, accelerator, horizon)
+        self.horizon = horizon
+        # As main_dino.py builds it: the same architecture without drop path, the student's weights, no gradients.
+        self.teacher = models.create(spec.model.name, **{**spec.model.options, "drop_path_rate": 0.0})
+        self.teacher.load_state_dict(self.model.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad = False
-        epochs = math.ceil(total_steps / steps_per_epoch)
-        ncrops = 2 + spec.data.local_crops
-        self.loss = DINOLoss(self.model.config.out_dim, ncrops, spec.dino.warmup_teacher_temp, spec.dino.teacher_temp,
-                             spec.dino.warmup_teacher_temp_epochs, epochs).to(accelerator.device)
-        self.momentum_steps = epochs * steps_per_epoch  # the reference's schedule spans whole epochs
+        self.loss = DINOLoss(self.model.config.out_dim, 2 + spec.data.local_crops, spec.dino.warmup_teacher_temp,
+                             spec.dino.teacher_temp, spec.dino.warmup_teacher_temp_epochs).to(accelerator.device)
+
+    @classmethod
+    def schedules(cls, spec, horizon) -> dict:
+        dino = spec.dino
+        return {**super().schedules(spec, horizon),
+                "teacher_momentum": lambda position: cosine(dino.momentum_teacher, 1.0, position, horizon.steps),
+                "teacher_temp": lambda position: teacher_temperature(int(position // horizon.steps_per_epoch),
+                                                                     dino.warmup_teacher_temp, dino.teacher_temp,
+                                                                     dino.warmup_teacher_temp_epochs)}
+
+    @classmethod
+    def hyper(cls, spec, horizon) -> dict:
+        dino = spec.dino
+        return {**super().hyper(spec, horizon), "momentum_teacher": dino.momentum_teacher,
+                "warmup_teacher_temp": dino.warmup_teacher_temp, "teacher_temp": dino.teacher_temp,
+                "warmup_teacher_temp_epochs": dino.warmup_teacher_temp_epochs, "freeze_last_layer": dino.freeze_last_layer}
 
     @staticmethod
     def train_pipeline(spec):
@@ -61,7 +76,8 @@ class DinoTask(Task):
         return transformer_blocks(module)
 
     def parallel_wrap(self, wrap) -> None:
-        super().parallel_wrap(wrap)
+        self.model = wrap(self.model)
+        self.optimizers = [make_optimizer(self.spec, params_groups(self.model, self.spec.optim.weight_decay))]
         self.teacher = wrap(self.teacher, trainable=False)
 
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
@@ -85,7 +101,7 @@ class DinoTask(Task):
             self.optimizers[0].step()
             self.optimizers[0].zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
-            momentum = cosine(self.spec.dino.momentum_teacher, 1.0, min(context.step, self.momentum_steps - 1), self.momentum_steps)
+            momentum = cosine(self.spec.dino.momentum_teacher, 1.0, context.position, self.horizon.steps)
             ema_update(unwrap(self.teacher), unwrap(self.model), momentum)
         return {"loss": loss.detach()}
 
@@ -149,6 +165,17 @@ class DinoTask(Task):
         shown, maps, masks = attention_views(network, image, device)
         mask = np.where(masks.max(0) > 0, 0, IGNORE_INDEX)
         return grid([[shown, heatmap(maps.mean(0)), overlay(shown, mask, alpha=0.6)]])
+
+
+def params_groups(model, weight_decay: float) -> list[dict]:
+    """main_dino.py's get_params_groups: biases and 1-D parameters (norms) do not decay, every other weight does
+    (pos_embed and cls_token too, unlike timm's no_weight_decay)."""
+    decay, no_decay = [], []
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
 def patch_multiple(height: int, width: int, patch: int, shorter: int) -> tuple[int, int]:

@@ -25,8 +25,8 @@ class SegmenterTask(Task):
     eval_modes = ("whole", "slide")
     shortcut_spec = "jobs/segmenter_tiny16.yaml"
 
-    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
-        super().__init__(spec, accelerator, steps_per_epoch, total_steps)
+    def __init__(self, spec, accelerator, horizon):
+        super().__init__(spec, accelerator, horizon)
         self.num_classes = self.model.config.num_classes
 
     @classmethod

@@ -24,8 +24,8 @@ class WNetTask(Task):
     channels_last = True  # faster convolutions on GPUs
     shortcut_spec = "jobs/wnet.yaml"
 
-    def __init__(self, spec, accelerator, steps_per_epoch: int, total_steps: int):
-        super().__init__(spec, accelerator, steps_per_epoch, total_steps)
+    def __init__(self, spec, accelerator, horizon):
+        super().__init__(spec, accelerator, horizon)
         self.num_segments = self.model.config.num_segments
 
     @staticmethod
