@@ -28,6 +28,7 @@ EXERCISED = [
     (r"^segjobs submit .*--dry-run", "tests/test_submit.py::test_sweep_is_one_array_with_a_run_per_point"),
     (r"^segjobs submit .*--sweep", "tests/slurm/test_cluster.py::test_sweep_submits_one_array_of_runs"),
     (r"^segjobs submit ", "tests/slurm/test_cluster.py::test_submit_runs_to_completion_and_status_shows_it"),
+    (r"^segjobs plan", "tests/test_dino_parity.py::test_plan_of_the_paper_recipe_is_main_dinos_schedules"),
     (r"^segjobs status", "tests/slurm/test_cluster.py::test_submit_runs_to_completion_and_status_shows_it"),
     (r"^segjobs logs", "tests/test_submit.py::test_local_executor_runs_a_spec_end_to_end"),
     (r"^segjobs (cancel|resume)", "tests/test_submit.py::test_cancel_then_resume_continues_from_the_checkpoint"),
