@@ -111,7 +111,7 @@ def test_one_step_equals_the_reference_step(epoch):
     crops = [torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=generator) for size in (32, 32, 16, 16)]
 
     torch.manual_seed(5)  # drop path in the student: both paths draw the same masks
-    apply_schedules(task.optimizers, spec, horizon, float(it))
+    apply_schedules(task.optimizers, DinoTask.schedules(spec, horizon), float(it))
     segjobs_loss = task.train_step({"crops": crops}, StepContext(step=it, epoch=epoch, position=float(it), accelerator=accelerator))
 
     epochs, per_epoch = spec.train.epochs, horizon.steps_per_epoch

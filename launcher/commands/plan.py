@@ -35,6 +35,9 @@ def plan(spec_path: str, overrides: list[str] = (), world_size: int | None = Non
     if world < 1 or (samples is not None and samples < 1):
         raise SpecError(f"--world-size and --samples must be positive, got {world} and {samples}.")
     if samples is None:
+        if not (spec.data.train / shard_manifest.MANIFEST).is_file():
+            raise SpecError(f"{spec_path}: data.train: {spec.data.train} holds no manifest.json; pass --samples N to plan "
+                            "without the data (ADE20K's training split: 20210).")
         samples = shard_manifest.load(spec.data.train).num_samples
     if samples < world * spec.data.batch_size:
         raise SpecError(f"{spec_path}: {samples} training samples make no batch of {spec.data.batch_size} on each of "

@@ -29,7 +29,7 @@ from launcher.training.families import task_for_model
 from launcher.training.families.base import StepContext
 from launcher.training.metrics_log import LiveView, MetricsLog, to_json
 from launcher.training.parallel import build_accelerator, make_wrap, raw_optimizer
-from launcher.training.schedules import Horizon, learning_rate, peak_learning_rate, weight_decay
+from launcher.training.schedules import Horizon, peak_learning_rate
 
 log = logging.getLogger("segjobs.train")
 
@@ -91,6 +91,7 @@ class Trainer:
                      peak_learning_rate(spec, self.global_batch), spec.optim.lr, self.global_batch)
         set_seed(spec.seed)  # identical initial weights on every rank
         self.task = task_class(spec, accelerator, self.horizon)
+        self.schedules = task_class.schedules(spec, self.horizon)  # what `segjobs plan` shows
         self.task.check_data(self.train_loader.manifest)
         wrap = make_wrap(accelerator, spec.train.strategy, spec.train.compile, channels_last=task_class.channels_last,
                          shard_units=self.task.shard_units)
@@ -198,7 +199,7 @@ class Trainer:
                     break
                 wait += time.perf_counter() - fetch
                 step, position = self.progress.step, step_samples / self.global_batch
-                lr = apply_schedules(self.task.optimizers, spec, self.horizon, position)
+                lr = apply_schedules(self.task.optimizers, self.schedules, position)
                 context = StepContext(step=step, epoch=epoch, position=position, accelerator=accelerator)
                 losses = self.task.train_step(batch, context)
                 for name, value in losses.items():
@@ -281,10 +282,11 @@ class Trainer:
         return result
 
 
-def apply_schedules(optimizers, spec: JobSpec, horizon: Horizon, position: float) -> float:
-    """Set every group's learning rate, and the decaying groups' weight decay, for the step at `position`
-    (main_dino.py: param_group["lr"] = lr_schedule[it]; the regularized group's weight decay likewise)."""
-    lr, decay = learning_rate(spec, horizon, position), weight_decay(spec, horizon, position)
+def apply_schedules(optimizers, schedules: dict, position: float) -> float:
+    """Set every group's learning rate, and the decaying groups' weight decay, for the step at `position`, from
+    the family's schedules (main_dino.py: param_group["lr"] = lr_schedule[it]; the regularized group's weight
+    decay likewise). Returns the learning rate."""
+    lr, decay = schedules["lr"](position), schedules["weight_decay"](position)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr

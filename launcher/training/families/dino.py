@@ -36,7 +36,6 @@ class DinoTask(Task):
 
     def __init__(self, spec, accelerator, horizon):
         super().__init__(spec, accelerator, horizon)
-        self.horizon = horizon
         # As main_dino.py builds it: the same architecture without drop path, the student's weights, no gradients.
         self.teacher = models.create(spec.model.name, **{**spec.model.options, "drop_path_rate": 0.0})
         self.teacher.load_state_dict(self.model.state_dict())
@@ -44,6 +43,7 @@ class DinoTask(Task):
             p.requires_grad = False
         self.loss = DINOLoss(self.model.config.out_dim, 2 + spec.data.local_crops, spec.dino.warmup_teacher_temp,
                              spec.dino.teacher_temp, spec.dino.warmup_teacher_temp_epochs).to(accelerator.device)
+        self.teacher_momentum = self.schedules(spec, horizon)["teacher_momentum"]
 
     @classmethod
     def schedules(cls, spec, horizon) -> dict:
@@ -101,7 +101,7 @@ class DinoTask(Task):
             self.optimizers[0].step()
             self.optimizers[0].zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
-            momentum = cosine(self.spec.dino.momentum_teacher, 1.0, context.position, self.horizon.steps)
+            momentum = self.teacher_momentum(context.position)
             ema_update(unwrap(self.teacher), unwrap(self.model), momentum)
         return {"loss": loss.detach()}
 
