@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from launcher.errors import WorkFailed
+from launcher.files import read_bounded
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -54,14 +55,38 @@ def step_of(checkpoint: Path) -> int:
     return int(match.group(1))
 
 
+MAX_META_BYTES = 4 << 20  # a meta.json holds the spec and a line per file: a few kB
+
+
 def read_meta(checkpoint: Path) -> dict:
-    """meta.json of a checkpoint folder: step, world_size, the resume fingerprint, the spec."""
-    return json.loads((Path(checkpoint) / "meta.json").read_text())
+    """meta.json of a checkpoint folder: step, world_size, the resume fingerprint, the spec, the files.
+    ValueError when it is not what segjobs writes (FileNotFoundError when absent)."""
+    meta = json.loads(read_bounded(Path(checkpoint) / "meta.json", MAX_META_BYTES).decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json is not a JSON object")
+    for key, kind in (("step", int), ("world_size", int), ("resume", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"meta.json's {key} is missing or not {'an integer' if kind is int else 'an object'}")
+    if meta.get("spec") is not None and not isinstance(meta["spec"], dict):
+        raise ValueError("meta.json's spec is not an object")
+    return meta
 
 
 def is_checkpoint(path: Path) -> bool:
     """A checkpoint folder as the trainer writes it (possibly copied elsewhere, under any name)."""
     return (Path(path) / "meta.json").is_file() and (Path(path) / "shared.pt").is_file()
+
+
+CHECKPOINT_FILES = re.compile(r"^(meta\.json|shared\.pt|rank_\d{5}\.pt)$")
+
+
+def written_by_segjobs(folder: Path) -> bool:
+    """Whether a checkpoint folder (or a .tmp_ one left by a crash) holds only the files the checkpointer
+    writes: the only folders segjobs ever deletes. A link, a sub-folder or any other file keeps it."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(CHECKPOINT_FILES.match(p.name) and p.is_file() and not p.is_symlink() for p in folder.iterdir())
 
 
 def file_record(path: Path) -> dict:
@@ -81,8 +106,8 @@ def verify(checkpoint: Path) -> str | None:
         meta = read_meta(checkpoint)
     except FileNotFoundError:
         return "meta.json is missing"
-    except (OSError, ValueError) as exc:
-        return f"meta.json is unreadable ({exc})"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"meta.json is unreadable ({str(exc)[:200]})"
     files = meta.get("files") if isinstance(meta, dict) else None
     if files is None:
         return None if (checkpoint / "shared.pt").is_file() else "shared.pt is missing"

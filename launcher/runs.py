@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 from filelock import SoftFileLock, Timeout
 
 from launcher.errors import InputError, WorkFailed
+from launcher.files import read_bounded
 
 log = logging.getLogger("segjobs.runs")
 
@@ -117,11 +118,7 @@ MAX_RECORD_BYTES = 16 << 20  # a run.json of ten thousand requeues is ~2 MB
 def _read_json(path: Path, check: Callable[[Any], str | None]) -> Any:
     """A JSON file segjobs wrote, bounded and checked; UnreadableRunError naming the file and the problem."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RECORD_BYTES + 1)
-        if len(data) > MAX_RECORD_BYTES:
-            raise ValueError(f"over {MAX_RECORD_BYTES >> 20} MiB")
-        value = json.loads(data.decode("utf-8"))
+        value = json.loads(read_bounded(path, MAX_RECORD_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise
     except (OSError, ValueError, RecursionError) as exc:
@@ -140,11 +137,20 @@ def _run_record_problem(record: Any) -> str | None:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             return f"{key} must be a list of objects"
     for entry in record.get("submissions", []):
-        if not isinstance(entry.get("job_id"), str) or entry.get("cluster") not in ("slurm", "local"):
-            return "a submission needs a job_id string and a cluster (slurm or local)"
-    for key in ("name", "state", "model", "error"):
+        if (not isinstance(entry.get("job_id"), str) or entry.get("cluster") not in ("slurm", "local")
+                or not isinstance(entry.get("log_folder"), str) or not isinstance(entry.get("overrides"), list)
+                or not all(isinstance(o, str) for o in entry["overrides"])):
+            return "a submission needs a job_id, a cluster (slurm or local), a log_folder and a list of overrides"
+    for key in ("name", "state", "model", "error", "cluster"):
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"{key} must be a string"
+    for key in ("total_steps", "global_batch", "nodes", "gpus_per_node", "tasks", "timeout_min"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"{key} must be a non-negative integer"
+    for key in ("ended",):
+        if record.get(key) is not None and not isinstance(record[key], (int, float)):
+            return f"{key} must be a time"
     return None
 
 

@@ -31,7 +31,7 @@ MAX_STEPS = 10**8  # the longest schedule horizon accepted (DINO ViT-S/16's 300 
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -73,7 +73,7 @@ class OptimSpec(Section):
 class ScheduleSpec(Section):
     kind: Literal["poly", "cosine", "constant"] = Field("cosine", description="poly (Segmenter: power 0.9), cosine (DINO's cosine_scheduler) or constant, from the peak to min_lr over the horizon after the warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0, reaching the peak on its last step, over this many optimizer steps.")
-    warmup_epochs: float | None = Field(None, ge=0, description="The warmup in epochs instead (DINO: 10); replaces warmup_steps.")
+    warmup_epochs: float | None = Field(None, ge=0, le=10**6, description="The warmup in epochs instead (DINO: 10); replaces warmup_steps.")
     power: float = Field(0.9, gt=0, description="Exponent of the poly schedule.")
     min_lr: float = Field(0.0, ge=0, description="Final learning rate.")
 
@@ -89,7 +89,7 @@ class TrainSpec(Section):
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to train: the schedules' horizon without epochs; with epochs it only stops training early, on the full run's curve.")
     precision: Literal["bf16", "fp16", "no"] = Field("bf16", description="Autocast dtype; bf16 needs no loss scaling. `no` for fp32 (and for bit-exact CPU tests).")
     strategy: Literal["ddp", "fsdp", "none"] = Field("ddp", description="How the model is replicated across processes (FSDP: torch's fully_shard, per block).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     clip_grad: float | None = Field(None, gt=0, description="Gradient clipping norm (DINO: 3.0, per parameter).")
     compile: bool = Field(False, description="torch.compile the model (GPU; the first steps are slow while it compiles).")
     log_every: int = Field(10, ge=1, description="Optimizer steps between metrics lines (the loss is read from the device only then).")

@@ -8,7 +8,7 @@ the student. The last block's CLS attention segments objects without labels.
 Faithful to facebookresearch/dino: LayerNorm eps 1e-6, bicubic pos-embed interpolation by (n + 0.1) / N,
 parameter names `backbone.*` / `head.mlp.*` / `head.last_layer.weight_{g,v}`, and the loss, centre, head
 and schedules below. Training-loop pieces (EMA, clipping, last-layer freezing) are pure functions here;
-the DINO task in launcher/tasks calls them.
+the DINO family in launcher/training/families/dino.py calls them.
 """
 
 from __future__ import annotations

@@ -242,10 +242,58 @@ CASES = [
          "model.name 'no_such_model' in its spec is not a registered model"),
     Case("visualize --model unknown", lambda c: ["visualize", str(c.raw_spec(b"x", "w.pth")), "--frames", str(c.root),
                                                  "--model", "nope"], 2, "--model nope: not a registered model"),
+    Case("meta.json of 3 GB", lambda c: (os.truncate(_meta(c, b""), 3 << 30), ["eval", str(c.trained)])[1], 1,
+         "every checkpoint is damaged"),
+    Case("meta.json a FIFO", lambda c: (_meta(c, None), ["eval", str(c.trained)])[1], 1, "every checkpoint is damaged"),
+    Case("meta.json a list", lambda c: (_meta(c, b"[]"), ["eval", str(c.trained)])[1], 1, "every checkpoint is damaged"),
+    Case("shared.pt of another shape", lambda c: (_reseal(c, "shared.pt", {"model": 1}),
+                                                  ["train", str(c.trained / "spec.yaml"), "--set", f"output_dir={c.trained}",
+                                                   "--set", "train.max_steps=4"])[1], 1, "its files are not the state segjobs writes"),
+    Case("metrics.jsonl is /dev/zero", lambda c: ((c.trained / "metrics.jsonl").unlink(),
+                                                  (c.trained / "metrics.jsonl").symlink_to("/dev/zero"),
+                                                  ["status", str(c.trained), "--json"])[2], 0, '"step": 0'),
+    Case("run.json without log_folder", lambda c: ["logs", str(corrupt_run_json(c, json.dumps(
+        {"submissions": [{"job_id": "1", "cluster": "slurm", "time": 0, "overrides": []}]})))], 2, "a log_folder"),
+    Case("run.json total_steps a string", lambda c: ["status", str(corrupt_run_json(c, '{"total_steps": "x"}')), "--json"], 0,
+         "total_steps must be a non-negative integer"),
+    Case("grad_accum of 10^6", lambda c: ["train", str(c.spec()), "--set", "train.grad_accum=1000000"], 2,
+         "train.grad_accum: input should be less than or equal to 4096"),
+    Case("grad_accum over an epoch", lambda c: ["plan", str(c.spec()), "--set", "train.grad_accum=20"], 2,
+         "train.grad_accum: an optimizer step takes 20 batches"),
+    Case("infinite warmup", lambda c: ["plan", str(c.spec()), "--set", "schedule.warmup_epochs=.inf"], 2, "schedule.warmup_epochs"),
+    Case("infinite learning rate", lambda c: ["train", str(c.spec()), "--set", "optim.lr=.inf"], 2, "optim.lr"),
+    Case("plan on 0 processes", lambda c: ["plan", str(c.spec()), "--world-size", "0"], 2, "--world-size and --samples must be positive"),
+    Case("plan over a file", lambda c: ["plan", str(c.spec()), "--plot", str(c.raw_spec("mine", "mine.png"))], 2,
+         "the file exists; plan does not overwrite files"),
+    Case("plan to a .txt", lambda c: ["plan", str(c.spec()), "--plot", str(c.root / "plan.txt")], 2, "name it FILE.png"),
     # ---- training that diverges ----
     Case("loss becomes nan", lambda c: ["train", str(c.spec(optim={"kind": "sgd", "lr": 1e30}, train={"max_steps": 6, "precision": "no", "log_every": 1}))],
          1, "; training stopped ("),
 ]
+
+
+def _meta(ctx: Context, content: bytes | None) -> Path:
+    """Replace the trained run's meta.json by `content`, or by a FIFO when None."""
+    path = sorted((ctx.trained / "checkpoints").glob("step_*"))[-1] / "meta.json"
+    path.unlink()
+    if content is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def _reseal(ctx: Context, name: str, value) -> None:
+    """Replace a checkpoint file by a well-formed one of another shape, with meta.json recording it."""
+    import torch
+
+    from launcher import checkpoint as layout
+
+    checkpoint = sorted((ctx.trained / "checkpoints").glob("step_*"))[-1]
+    torch.save(value, checkpoint / name)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["files"][name] = layout.file_record(checkpoint / name)
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
 
 
 def _rgb_png() -> bytes:

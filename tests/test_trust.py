@@ -159,6 +159,24 @@ def test_a_foreign_output_dir_is_refused_and_left_as_it_was(shard_root, tmp_path
         assert tree(foreign) == before and sorted(p.name for p in foreign.iterdir()) == ["metrics.jsonl", "notes.txt"]
 
 
+def test_checkpoint_rotation_deletes_only_checkpoints(shard_root, tmp_path, capsys):
+    """keep=1 prunes old checkpoints: folders under a step_ or .tmp_step_ name that segjobs did not write stay."""
+    spec = trained(tmp_path, shard_root, "rotate", checkpoint={"every_steps": 2, "keep": 1})
+    checkpoints = tmp_path / "rotate" / "checkpoints"
+    for name in ("step_00000001", ".tmp_step_00000009"):
+        (checkpoints / name).mkdir()
+        (checkpoints / name / "mine.txt").write_text("precious")
+    assert segjobs(["train", str(spec), "--set", "train.max_steps=10"]) == 0
+    assert (checkpoints / "step_00000001" / "mine.txt").read_text() == "precious"
+    assert (checkpoints / ".tmp_step_00000009" / "mine.txt").read_text() == "precious"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000001", "step_00000010"]
+    (checkpoints / "step_00000012").mkdir()  # newer than the latest checkpoint: checked, and set aside
+    (checkpoints / "step_00000012" / "mine.txt").write_text("precious")
+    assert segjobs(["train", str(spec), "--set", "train.max_steps=12"]) == 0
+    assert (checkpoints / "damaged_step_00000012" / "mine.txt").read_text() == "precious"
+    assert layout.verify(checkpoints / "step_00000012") is None
+
+
 def test_synth_never_overwrites_without_force(tmp_path, capsys):
     out = tmp_path / "photos"
     out.mkdir()

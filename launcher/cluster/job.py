@@ -93,8 +93,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
         spec = parse_spec(yaml.safe_load(self.spec_yaml), self.source)
         main = env.global_rank == 0
         # The budget is per submission: `segjobs resume` starts a new job with max_requeues again.
-        timeouts = sum(1 for r in runs.read_run(spec.run_dir).get("requeues", [])
-                       if r["reason"] == "timeout" and r["job_id"] == env.job_id)
+        try:
+            requeues = runs.read_run(spec.run_dir).get("requeues", [])
+        except runs.UnreadableRunError:  # the trainer's first transition sets it aside and starts a new record
+            requeues = []
+        timeouts = sum(1 for r in requeues if r.get("reason") == "timeout" and r.get("job_id") == env.job_id)
         requeue = RequeueSignal(spec, timeouts)
         os.environ.update(distributed_environment(env))
         handler = logging.StreamHandler(sys.stdout)  # submitit logs to its own handler: no root handler here

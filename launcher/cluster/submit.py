@@ -249,7 +249,7 @@ def resume(name: str, cluster: str | None = None) -> int:
     check_environment(spec, source)
     job = runs.latest_job(record)
     cluster = choose_cluster(cluster or (job["cluster"] if job else "auto"))
-    folder = Path(job["log_folder"]) if job else run_dir / "logs"
+    folder = run_dir / "logs"  # its own, also for a run of a sweep (the recorded folder is not trusted to write in)
     item, = submit_all([Submission(spec, job["overrides"] if job else [])], folder, cluster, source)
     print(f"{spec.name}\tjob {item.job_id}\t{cluster}\t{spec.run_dir}")
     return 0

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from launcher.cluster.sbatch import tasks_per_node
+from launcher.errors import WorkFailed
 from launcher.spec import SpecError, load_spec
 from shards import manifest as shard_manifest
 
@@ -31,7 +32,7 @@ def plan(spec_path: str, overrides: list[str] = (), world_size: int | None = Non
     spec = load_spec(spec_path, list(overrides))
     if spec.model.name not in models.list_models():
         raise SpecError(f"{spec_path}: model.name: {spec.model.name!r} is not a registered model (see `segjobs models`).")
-    world = world_size or spec.resources.nodes * tasks_per_node(spec)
+    world = spec.resources.nodes * tasks_per_node(spec) if world_size is None else world_size
     if world < 1 or (samples is not None and samples < 1):
         raise SpecError(f"--world-size and --samples must be positive, got {world} and {samples}.")
     if samples is None:
@@ -95,14 +96,30 @@ def plot(result: dict, out: Path) -> Path:
     axes[-1, 0].set_xlabel(f"optimizer step ({result['steps_per_epoch']} per epoch, global batch {result['global_batch']})")
     figure.suptitle(f"{result['model']}: {result['total_steps']:,} steps on {result['world_size']} processes")
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    plt.close(figure)
+    try:
+        with open(out, "xb") as f:  # exclusive: a file that appeared meanwhile is not overwritten either
+            figure.savefig(f, format="png")
+    except OSError as exc:
+        raise WorkFailed(f"--plot {out}: cannot write the picture ({exc.strerror}).") from None
+    finally:
+        plt.close(figure)
     return out
+
+
+def check_plot_file(out: Path) -> None:
+    """A new .png file in an existing folder: plan never overwrites a file."""
+    if out.suffix.lower() != ".png":
+        raise SpecError(f"--plot {out}: the picture is a PNG; name it FILE.png.")
+    if out.exists() or out.is_symlink():
+        raise SpecError(f"--plot {out}: the file exists; plan does not overwrite files. Choose another name.")
+    if not out.parent.is_dir():
+        raise SpecError(f"--plot {out}: {out.parent} is not an existing folder.")
 
 
 def main(spec_path: str, overrides: list[str], world_size: int | None, samples: int | None, as_json: bool,
          plot_file: Path | None) -> int:
+    if plot_file is not None:
+        check_plot_file(plot_file)
     result = plan(spec_path, overrides, world_size, samples)
     if as_json:
         print(json.dumps(result))

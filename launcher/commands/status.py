@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -57,18 +58,20 @@ class Row:
 def last_training_record(path: Path, tail_bytes: int = 16384) -> dict | None:
     """The last metrics.jsonl line with a loss (evaluation lines have none), reading only the file's tail."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - tail_bytes, 0))
-            lines = f.read().decode(errors="replace").splitlines()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang the table
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        f.seek(max(os.fstat(fd).st_size - tail_bytes, 0))
+        lines = f.read(tail_bytes).decode(errors="replace").splitlines()
     for line in reversed(lines):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # the first, cut line of the tail, or a line being written
+        except (json.JSONDecodeError, RecursionError):  # the first, cut line of the tail, or a line being written
             continue
-        if "loss" in record:
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float)):
             return record
     return None
 

@@ -62,9 +62,12 @@ def curves_picture(run_dirs: list[Path], out: Path) -> Path:
         path = run_dir / "metrics.jsonl"
         if not path.exists():
             raise SpecError(f"{run_dir}: no metrics.jsonl to plot.")
-        records = read_metrics(path)
-        train = [r for r in records if "loss" in r]
-        evals = [r for r in records if "eval" in r]
+        try:
+            records = [r for r in read_metrics(path) if isinstance(r.get("step"), int)]
+        except ValueError as exc:
+            raise SpecError(f"{path}: cannot be plotted ({exc}).") from None
+        train = [r for r in records if isinstance(r.get("loss"), (int, float))]
+        evals = [r for r in records if isinstance(r.get("eval"), dict) and isinstance(r["eval"].get("miou"), (int, float))]
         name = runs.read_run(run_dir).get("name", run_dir.name)
         loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
         if evals:

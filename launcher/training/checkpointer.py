@@ -113,8 +113,13 @@ class Checkpointer:
         tmp = self.folder / f".tmp_{layout.step_name(step)}"
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(".tmp_step_*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.folder.glob(".tmp_step_*"):  # left by a crash mid-save
+                if layout.written_by_segjobs(stale):
+                    shutil.rmtree(stale)
+            for path in (tmp, final):
+                if path.exists() and not layout.written_by_segjobs(path):
+                    raise CheckpointError(f"{path}: holds files that segjobs did not write, where the checkpoint of step "
+                                          f"{step} goes; move them elsewhere and resume.")
             tmp.mkdir()
         _barrier()
         with self._out_of_space_explained(tmp, step):
@@ -132,7 +137,9 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             for old in self.steps()[: -self.keep]:
-                shutil.rmtree(self.folder / layout.step_name(old), ignore_errors=True)
+                path = self.folder / layout.step_name(old)
+                if layout.written_by_segjobs(path):  # never a folder of someone else's under a step_ name
+                    shutil.rmtree(path)
         _barrier()
         return final
 

@@ -11,6 +11,9 @@ import math
 import sys
 from pathlib import Path
 
+from launcher.files import read_bounded
+from launcher.runs import RunError
+
 
 def strict(value):
     """`value` with every NaN or infinity as None: JSON has neither, and readers of metrics.jsonl expect JSON."""
@@ -27,14 +30,17 @@ def to_json(value, indent: int | None = None) -> str:
     return json.dumps(strict(value), indent=indent, allow_nan=False)
 
 
+MAX_METRICS_BYTES = 1 << 30  # ten million logged steps
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Every record of a metrics.jsonl; a line that is not a whole JSON object (the last line of a process
-    killed while writing it) is skipped."""
+    killed while writing it) is skipped. ValueError for a file that is not a regular one of at most 1 GiB."""
     records = []
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in read_bounded(Path(path), MAX_METRICS_BYTES).decode(errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(record, dict):
             records.append(record)
@@ -52,7 +58,11 @@ class MetricsLog:
         last line, which the next record would otherwise continue)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+        try:
+            records = read_metrics(self.path)
+        except ValueError as exc:
+            raise RunError(f"{self.path}: cannot be continued ({exc}); move it away to resume the run.") from None
+        kept = [r for r in records if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:

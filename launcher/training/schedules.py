@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from launcher.spec import JobSpec
+from launcher.spec import JobSpec, SpecError
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ class Horizon:
         reads floor(samples / (world_size x batch_size)) batches an epoch (shards.loader), `grad_accum` of
         them per optimizer step."""
         batches = samples // (world_size * spec.data.batch_size)
-        return cls.of(spec, max(batches // spec.train.grad_accum, 1), spec.data.batch_size * spec.train.grad_accum * world_size)
+        if batches < spec.train.grad_accum:
+            raise SpecError(f"train.grad_accum: an optimizer step takes {spec.train.grad_accum} batches of "
+                            f"{spec.data.batch_size} on each of {world_size} processes, more than the {samples} training "
+                            "samples hold; lower grad_accum or batch_size.")
+        return cls.of(spec, batches // spec.train.grad_accum, spec.data.batch_size * spec.train.grad_accum * world_size)
 
     @classmethod
     def of(cls, spec: JobSpec, steps_per_epoch: int, global_batch: int) -> "Horizon":

@@ -22,6 +22,7 @@ import torch
 
 from launcher import checkpoint as layout
 from launcher import runs
+from launcher.checkpoint import CheckpointError
 from launcher.errors import WorkFailed
 from launcher.spec import MAX_STEPS, JobSpec, SpecError, check_environment, resume_conflict, resume_fingerprint
 from launcher.training.checkpointer import Checkpointer, set_rng_state
@@ -136,8 +137,6 @@ class Trainer:
 
     def _resume(self) -> bool:
         """Load the latest checkpoint, if any; True when this rank's RNG state was restored too."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
         if self.accelerator.is_main_process:
             self.checkpointer.set_aside_damaged()
         self.accelerator.wait_for_everyone()
@@ -148,12 +147,30 @@ class Trainer:
         conflict = resume_conflict(meta["resume"], self.spec)
         if conflict:
             raise SpecError(f"{self.source}: cannot resume {latest}: {conflict}. Use another name or output_dir for a new run.")
-        options = StateDictOptions(full_state_dict=True)
+        try:
+            self._restore(shared, rng)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            # The files match meta.json, yet hold something else than the checkpointer writes (edited and resealed).
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise CheckpointError(f"{latest}: its files are not the state segjobs writes ({type(exc).__name__}: {first}); "
+                                  "move the folder away to resume from the checkpoint before it.") from None
+        self.metrics.truncate_after(self.progress.step)
+        elastic = "" if meta["world_size"] == self.world else f" with {self.world} processes instead of {meta['world_size']} (elastic: the loader splits the rest of the epoch)"
+        log.info("resumed from %s at step %d%s", latest, self.progress.step, elastic)
+        return rng is not None
+
+    def _restore(self, shared: dict, rng: dict | None) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        if not isinstance(shared, dict) or not (rng is None or isinstance(rng, dict)):
+            raise TypeError("shared.pt and the RNG file hold dicts")
         model = self.task.model
-        set_model_state_dict(model, shared["model"], options=options)
+        set_model_state_dict(model, shared["model"], options=StateDictOptions(full_state_dict=True))
         # Not strict: a parameter that never had a gradient (DINO's last layer in its first epoch) has no
         # optimizer state in the checkpoint, exactly as in the run that wrote it.
         optimizer_options = StateDictOptions(full_state_dict=True, strict=False)
+        if len(shared["optimizers"]) != len(self.task.optimizers):
+            raise ValueError(f"{len(shared['optimizers'])} optimizer states for {len(self.task.optimizers)} optimizers")
         for optimizer, state in zip(self.task.optimizers, shared["optimizers"]):
             set_optimizer_state_dict(model, raw_optimizer(optimizer), state, options=optimizer_options)
             drop_state_not_saved(raw_optimizer(optimizer), state)
@@ -162,10 +179,6 @@ class Trainer:
         self.progress = Progress(**shared["progress"])
         if rng is not None:
             set_rng_state(rng)
-        self.metrics.truncate_after(self.progress.step)
-        elastic = "" if meta["world_size"] == self.world else f" with {self.world} processes instead of {meta['world_size']} (elastic: the loader splits the rest of the epoch)"
-        log.info("resumed from %s at step %d%s", latest, self.progress.step, elastic)
-        return rng is not None
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> dict:
