@@ -100,8 +100,9 @@ def test_one_step_equals_the_reference_step(epoch):
     spec = parse_spec(copy.deepcopy(SPEC), "parity")
     horizon = Horizon.of(spec, steps_per_epoch=5, global_batch=4)
     accelerator = build_accelerator("no")
+    device = accelerator.device
     task = DinoTask(spec, accelerator, horizon)
-    task.parallel_wrap(lambda module, trainable=True: module)
+    task.parallel_wrap(lambda module, trainable=True: module.to(device))
     it = epoch * horizon.steps_per_epoch + 2
 
     student, teacher = copy.deepcopy(task.model), copy.deepcopy(task.teacher)
@@ -121,7 +122,7 @@ def test_one_step_equals_the_reference_step(epoch):
     teacher_temps = np.concatenate((np.linspace(0.04, 0.07, 2), np.ones(epochs - 2) * 0.07))
     torch.manual_seed(5)
     reference_loss, reference_center = reference_step(
-        student, teacher, center, [normalize(c) for c in crops], it, epoch, lr_schedule, wd_schedule,
+        student, teacher, center, [normalize(c.to(device)) for c in crops], it, epoch, lr_schedule, wd_schedule,
         momentum_schedule, teacher_temps, 3.0, 1, reference_optimizer)
 
     assert segjobs_loss["loss"].item() == pytest.approx(reference_loss.item(), abs=1e-6)
