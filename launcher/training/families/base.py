@@ -47,7 +47,9 @@ class Task(ABC):
     channels_last = False  # convolutional networks: NHWC memory format
     supervised = True  # False: evaluation matches predicted clusters to classes (Hungarian)
     eval_modes = ("whole",)  # Segmenter adds "slide" (overlapping windows of the training crop)
-    frames_name: str | None = None  # the animation over a folder of frames (DINO: attention.gif); None: none
+    # The animation over a folder of frames (DINO: attention.gif); a family that names one also supplies the
+    # classmethod frame_picture(network, image, device) -> PIL image, one frame of it. None: no animation.
+    frames_name: str | None = None
 
     def __init__(self, spec, accelerator, horizon: Horizon):
         """`horizon` holds the steps per epoch and the schedules' length (launcher.training.schedules)."""
@@ -123,11 +125,6 @@ class Task(ABC):
     def picture_network(self) -> nn.Module:
         """The network a frame animation draws (DINO: the teacher, as in the paper's figures)."""
         return unwrap(self.model)
-
-    @classmethod
-    def frame_picture(cls, network: nn.Module, image: np.ndarray, device) -> Image.Image:
-        """One frame of the animation named `frames_name` (families that set it supply this)."""
-        raise NotImplementedError(f"the {cls.family} family draws no frame animation")
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
