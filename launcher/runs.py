@@ -14,7 +14,7 @@ renames it aside and starts a new one.
 The index ($SEGJOBS_HOME/index.json, default ~/.segjobs) lists the absolute run directories that
 `segjobs submit` and `segjobs train` touched, so `segjobs status` finds runs wherever their output_dir is.
 
-run.lock (see RunLock) names the one process that trains the run. Locks are filelock's lock files.
+run.lock (launcher.runlock) names the one process that trains the run. Locks are filelock's lock files.
 
 Note: on a cluster, run directories and $SEGJOBS_HOME must be on a file system every node sees.
 """
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,8 +46,6 @@ FINAL_STATES = {COMPLETED, FAILED, CANCELLED, TIMEOUT, "OUT_OF_MEMORY", "NODE_FA
 
 
 LOCK_TIMEOUT_S = 60  # run.json and the index are held for milliseconds: a longer wait means a stuck holder
-HEARTBEAT_S = 30  # the trainer's run lock is renewed this often ...
-STALE_AFTER_S = 300  # ... and taken over when its heartbeat is older than this
 
 
 class RunError(InputError):
@@ -88,7 +85,7 @@ def home() -> Path:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock beside `path` while it is read and rewritten (the job on a compute node and `segjobs`
     on the login node both write). filelock's lock-file mode: exclusive creation works on NFS and Lustre
     mounted without flock; a marker left by a process that died on this host is reclaimed."""
@@ -102,7 +99,7 @@ def _locked(path: Path) -> Iterator[None]:
                              "if that process is gone (a crash on another host), remove the file.") from None
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)
@@ -173,14 +170,14 @@ def _set_aside(path: Path) -> Path:
 def _update(run_dir: Path, change: Callable[[dict], None]) -> dict:
     """Apply `change` to run.json under the lock and write it back atomically; returns the new record."""
     path = Path(run_dir) / "run.json"
-    with _locked(path):
+    with locked(path):
         try:
             record = read_run(run_dir)
         except UnreadableRunError as exc:
             log.warning("%s; renamed to %s, a new record is started", exc, _set_aside(path).name)
             record = {}
         change(record)
-        _write_json(path, record)
+        write_json(path, record)
     return record
 
 
@@ -263,14 +260,14 @@ def register(run_dir: Path) -> None:
     """Add a run folder to the index; a damaged index is renamed aside (and said so) and a new one started."""
     path = home() / "index.json"
     run_dir = str(Path(run_dir).resolve())
-    with _locked(path):
+    with locked(path):
         try:
             known = _read_index()
         except UnreadableRunError as exc:
             log.warning("%s; renamed to %s, a new index is started", exc, _set_aside(path).name)
             known = []
         if run_dir not in known:
-            _write_json(path, known + [run_dir])
+            write_json(path, known + [run_dir])
 
 
 def indexed_runs() -> list[Path]:
@@ -339,104 +336,3 @@ def check_run_dir(run_dir: Path, source: str) -> None:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise RunError(f"{source}: output_dir {run_dir} already holds files that no segjobs run wrote ({shown}); "
                        "nothing was written there. Choose a new or empty folder.")
-
-
-# ---- the run lock ---------------------------------------------------------------------------------------------
-def lock_holder(run_dir: Path) -> dict | None:
-    """The record of the process that holds the run (run.lock), {} when it is unreadable, None when none does."""
-    try:
-        record = json.loads((Path(run_dir) / "run.lock").read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def describe_holder(holder: dict) -> str:
-    job = f", job {holder.get('job_id')}" if holder.get("job_id") else ""
-    age = time.time() - holder["heartbeat"] if isinstance(holder.get("heartbeat"), (int, float)) else None
-    beat = f", last heartbeat {age:.0f} s ago" if age is not None else ""
-    return f"pid {holder.get('pid')} on {holder.get('host')}{job}{beat}"
-
-
-def stale_reason(holder: dict, job_id: str | None = None,
-                 job_running: Callable[[str], bool | None] | None = None) -> str | None:
-    """Why a run lock's holder no longer holds the run (None: it does). `job_id` is the SLURM job of the
-    process asking (a requeue of the holder's own job takes over); `job_running(job_id)` says whether SLURM
-    still runs a job (None: cannot tell)."""
-    if not holder:
-        return "the lock file is unreadable"
-    if holder.get("host") == socket.gethostname() and not process_is(holder.get("pid"), holder.get("pid_start")):
-        return f"its process {holder.get('pid')} on {holder.get('host')} has ended"
-    holder_job = holder.get("job_id")
-    if holder_job and job_id and str(holder_job) == str(job_id):
-        return f"it is an earlier start of this job {job_id} (requeued)"
-    if holder_job and job_running is not None and job_running(str(holder_job)) is False:
-        return f"SLURM no longer runs its job {holder_job}"
-    heartbeat = holder.get("heartbeat")
-    if not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > STALE_AFTER_S:
-        return f"its heartbeat is older than {STALE_AFTER_S} s"
-    return None
-
-
-class RunLock:
-    """The trainer's exclusive hold on a run directory for its whole life (rank 0 takes it for all ranks).
-
-        with RunLock(run_dir, job_id="4242", job_running=queue.slurm_job_running):
-            train()
-
-    run.lock names the holder (host, pid and its start time, SLURM job id) and a heartbeat that a background
-    thread renews every HEARTBEAT_S. A second trainer is refused with RunLockedError naming the holder, unless
-    the lock is stale (see stale_reason): then it is taken over with a log line. Evaluation and pictures do
-    not take it: they write only under eval/ and pictures/."""
-
-    def __init__(self, run_dir: Path, job_id: str | None = None, job_running: Callable[[str], bool | None] | None = None):
-        self.path = Path(run_dir) / "run.lock"
-        self.job_id, self.job_running = job_id, job_running
-        self.record: dict | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "RunLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def acquire(self) -> None:
-        with _locked(self.path):
-            holder = lock_holder(self.path.parent)
-            if holder is not None:
-                reason = stale_reason(holder, self.job_id, self.job_running)
-                if reason is None:
-                    raise RunLockedError(f"{self.path.parent}: the run is being trained by {describe_holder(holder)}; "
-                                         "two processes never write one run. Wait for it, or `segjobs cancel` it.")
-                log.warning("%s: taking over the run lock of %s: %s", self.path.parent, describe_holder(holder), reason)
-            now = time.time()
-            self.record = {**this_process(), "job_id": self.job_id, "since": now, "heartbeat": now}
-            _write_json(self.path, self.record)
-        self._thread = threading.Thread(target=self._beat, name="segjobs-run-lock", daemon=True)
-        self._thread.start()
-
-    def _ours(self, holder: dict | None) -> bool:
-        keys = ("host", "pid", "pid_start", "since")
-        return bool(holder) and all(holder.get(k) == self.record.get(k) for k in keys)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            with _locked(self.path):
-                if not self._ours(lock_holder(self.path.parent)):
-                    log.warning("%s: the run lock was taken over by another process", self.path.parent)
-                    return
-                self.record["heartbeat"] = time.time()
-                _write_json(self.path, self.record)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        with _locked(self.path):
-            if self._ours(lock_holder(self.path.parent)):
-                self.path.unlink()

@@ -11,13 +11,14 @@ A bad spec raises SpecError: one paragraph naming the file, the key path, what w
 from __future__ import annotations
 
 import difflib
-import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from launcher.bounded_yaml import excerpt
+from launcher.bounded_yaml import parse_yaml
 from launcher.errors import InputError
 
 
@@ -26,7 +27,6 @@ class SpecError(InputError):
 
 
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few kB
-MAX_SPEC_VALUES = 100_000  # values after expanding YAML aliases (a spec has a few hundred)
 MAX_STEPS = 10**8  # the longest schedule horizon accepted (DINO ViT-S/16's 300 epochs on ImageNet: 375k steps)
 
 
@@ -188,81 +188,6 @@ def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
     return f"{', '.join(changed)} changed since the checkpoint ({differences})"
 
 
-_SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 40, 40, 2
-
-
-def _describe(value: Any) -> str:
-    """A short excerpt of a value for a message: bounded work and length whatever the value's size."""
-    text = _SHORT.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing duplicate keys (YAML would keep the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the safe loader's own error explains it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_describe(key)}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _expanded_size(node, memo: dict, limit: int) -> int:
-    """How many values `node` holds once every alias is expanded (stops counting past `limit`)."""
-    if id(node) in memo:
-        return memo[id(node)]
-    memo[id(node)] = limit + 1  # an alias cycle counts as too large
-    if isinstance(node, yaml.MappingNode):
-        children = [child for pair in node.value for child in pair]
-    elif isinstance(node, yaml.SequenceNode):
-        children = node.value
-    else:
-        children = []
-    size = 1
-    for child in children:
-        size += _expanded_size(child, memo, limit)
-        if size > limit:
-            break
-    memo[id(node)] = size
-    return size
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> Python values, bounded: no duplicate keys, at most MAX_SPEC_VALUES values once aliases
-    are expanded (a few hundred bytes of nested aliases can otherwise expand to gigabytes)."""
-    loader = _SpecLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, {}, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
-            raise SpecError(f"{source}: the YAML expands to over {MAX_SPEC_VALUES:,} values through its aliases (& and *); "
-                            "a job spec has a few hundred. Write the values out.")
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{source}: not valid YAML ({_yaml_problem(exc)}).") from None
-    except RecursionError:
-        raise SpecError(f"{source}: the YAML is nested too deeply to be a job spec.") from None
-    finally:
-        loader.dispose()
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """The problem and its line, without the quoted source text (which may be huge or binary)."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or type(exc).__name__
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem[:200]}{where}"
-
-
 def _fields_at(path: tuple[str | int, ...]) -> list[str]:
     """The field names of the section at `path` in the schema (for "did you mean")."""
     model: type[BaseModel] = JobSpec
@@ -285,7 +210,7 @@ def _explain(source: str, error: dict) -> str:
         return f"{source}: unknown key {path}{hint} (allowed here: {allowed})."
     if error["type"] == "missing":
         return f"{source}: {path} is required but missing."
-    found = _describe(error.get("input"))
+    found = excerpt(error.get("input"))
     message = error["msg"][0].lower() + error["msg"][1:]
     where = f"{path}: " if path else ""
     return f"{source}: {where}{message}; found {found}."
@@ -297,7 +222,7 @@ def apply_override(raw: dict, assignment: str, source: str) -> None:
         raise SpecError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. train.max_steps=100.")
     key_path, text = assignment.split("=", 1)
     keys = key_path.strip().split(".")
-    value = parse_yaml(text, f"--set {_describe(assignment)}")
+    value = parse_yaml(text, f"--set {excerpt(assignment)}")
     node: Any = raw
     for depth, key in enumerate(keys):
         known = _fields_at(tuple(keys[:depth]))
@@ -316,7 +241,7 @@ def apply_override(raw: dict, assignment: str, source: str) -> None:
 
 def parse_spec(raw: Any, source: str, overrides: list[str] = ()) -> JobSpec:
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: a job spec is a YAML mapping (name, model, data, train, ...); found {_describe(raw)}.")
+        raise SpecError(f"{source}: a job spec is a YAML mapping (name, model, data, train, ...); found {excerpt(raw)}.")
     for assignment in overrides:
         apply_override(raw, assignment, source)
     try:

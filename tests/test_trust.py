@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from launcher import checkpoint as layout
-from launcher import runs
+from launcher import runlock, runs
 from launcher.cli import main as segjobs
 from tests.jobspecs import losses, same_losses, write_spec
 
@@ -274,10 +274,10 @@ def test_a_second_trainer_is_refused_while_the_first_runs(shard_root, tmp_path, 
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     # SIGKILL left the lock behind; its holder is dead on this host, so the next start takes it over.
-    assert runs.lock_holder(run_dir)["pid"] == first.pid
+    assert runlock.lock_holder(run_dir)["pid"] == first.pid
     assert segjobs(["train", str(spec), "--set", "train.max_steps=5"]) == 0
     assert f"taking over the run lock of pid {first.pid}" in caplog.text and "has ended" in caplog.text
-    assert runs.lock_holder(run_dir) is None
+    assert runlock.lock_holder(run_dir) is None
 
 
 def fake_holder(run_dir: Path, **fields) -> None:
@@ -291,10 +291,10 @@ def test_a_run_lock_is_stale_exactly_when_its_holder_is_gone(tmp_path, caplog):
     run_dir = tmp_path / "run"
     fake_holder(run_dir)  # alive elsewhere, fresh heartbeat
     with pytest.raises(runs.RunLockedError, match="being trained by pid 4242 on node-17"):
-        runs.RunLock(run_dir).acquire()
+        runlock.RunLock(run_dir).acquire()
     fake_holder(run_dir, job_id="77")
     with pytest.raises(runs.RunLockedError):
-        runs.RunLock(run_dir, job_running=lambda job: None).acquire()  # SLURM cannot tell: not stale
+        runlock.RunLock(run_dir, job_running=lambda job: None).acquire()  # SLURM cannot tell: not stale
     cases = [({"heartbeat": time.time() - 301}, {}, "heartbeat is older than 300 s"),
              ({"job_id": "77"}, {"job_id": "77"}, "earlier start of this job 77"),
              ({"job_id": "77"}, {"job_running": lambda job: False}, "SLURM no longer runs its job 77"),
@@ -302,17 +302,17 @@ def test_a_run_lock_is_stale_exactly_when_its_holder_is_gone(tmp_path, caplog):
     for holder, options, reason in cases:
         fake_holder(run_dir, **holder)
         caplog.clear()
-        with runs.RunLock(run_dir, **options):
-            assert runs.lock_holder(run_dir)["pid"] == os.getpid()
-        assert reason in caplog.text and runs.lock_holder(run_dir) is None
+        with runlock.RunLock(run_dir, **options):
+            assert runlock.lock_holder(run_dir)["pid"] == os.getpid()
+        assert reason in caplog.text and runlock.lock_holder(run_dir) is None
 
 
 def test_the_heartbeat_renews_the_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
-    with runs.RunLock(tmp_path / "run"):
-        first = runs.lock_holder(tmp_path / "run")["heartbeat"]
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    with runlock.RunLock(tmp_path / "run"):
+        first = runlock.lock_holder(tmp_path / "run")["heartbeat"]
         time.sleep(0.3)
-        assert runs.lock_holder(tmp_path / "run")["heartbeat"] > first
+        assert runlock.lock_holder(tmp_path / "run")["heartbeat"] > first
 
 
 # ---- 4. checkpoints that check themselves -------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 import submitit
 
 from launcher import checkpoint as layout
-from launcher import runs
+from launcher import runlock, runs
 from launcher.cluster import queue
 from launcher.cluster.job import TrainingJob
 from launcher.cluster.sbatch import check_sbatch_safe, sbatch_script, slurm_parameters, tasks_per_node
@@ -124,9 +124,9 @@ def check_not_running(run_dir: Path) -> None:
         if alive:
             raise SubmitError(f"{run_dir}: run {record.get('name')} is already {record['state'].lower()} as job {job['job_id']}; "
                               f"`segjobs cancel {record.get('name')}` first, or give the spec another name.")
-    holder = runs.lock_holder(run_dir)
-    if holder is not None and runs.stale_reason(holder, job_running=queue.slurm_job_running) is None:
-        raise SubmitError(f"{run_dir}: the run is being trained by {runs.describe_holder(holder)}; "
+    holder = runlock.lock_holder(run_dir)
+    if holder is not None and runlock.stale_reason(holder, job_running=queue.slurm_job_running) is None:
+        raise SubmitError(f"{run_dir}: the run is being trained by {runlock.describe_holder(holder)}; "
                           "two processes never write one run. Wait for it to end, or stop it first.")
 
 

@@ -22,6 +22,7 @@ import torch
 
 from launcher import checkpoint as layout
 from launcher import runs
+from launcher.runlock import RunLock
 from launcher.checkpoint import CheckpointError
 from launcher.errors import WorkFailed
 from launcher.spec import MAX_STEPS, JobSpec, SpecError, check_environment, resume_conflict, resume_fingerprint
@@ -335,11 +336,11 @@ def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str
              job_running: Callable[[str], bool | None] | None = None) -> dict:
     """Build the trainer and run it, holding the run lock and keeping run.json up to date (rank 0).
     `on_trainer` sees the trainer before the loop starts (the SLURM job attaches its signal handler);
-    `job_running` asks SLURM whether a lock holder's job still runs (see launcher.runs.stale_reason)."""
+    `job_running` asks SLURM whether a lock holder's job still runs (see launcher.runlock.stale_reason)."""
     check_environment(spec, source)
     runs.check_run_dir(spec.run_dir, source)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # known before the Accelerator: rank 0 takes the run
-    with runs.RunLock(spec.run_dir, job_id, job_running) if main_rank else contextlib.nullcontext():
+    with RunLock(spec.run_dir, job_id, job_running) if main_rank else contextlib.nullcontext():
         return _run_locked(spec, source, job_id, cluster, restart_count, on_trainer)
 
 
