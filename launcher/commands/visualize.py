@@ -13,7 +13,6 @@ model, the samples and the folder.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,6 @@ from PIL import Image
 from launcher import runs
 from launcher.spec import SpecError
 from launcher.training.metrics_log import read_metrics
-
-log = logging.getLogger("segjobs.visualize")
 
 
 def validation_samples(spec, count: int, split: str = "validation") -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -40,7 +37,7 @@ def validation_samples(spec, count: int, split: str = "validation") -> list[tupl
     samples = []
     try:
         for batch in loader:
-            image = batch["image"][0] if isinstance(batch["image"], list) else batch["image"][0]
+            image = batch["image"][0]
             label = batch["label"][0] if "label" in batch else None
             samples.append((np.asarray(image), None if label is None else np.asarray(label)))
             if len(samples) == count:
