@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -396,47 +395,3 @@ def image_folder_samples(src: Path) -> list[SourceSample]:
     if not samples:
         raise BadSourceError(f"{src}: no .jpg or .png images found.")
     return samples
-
-
-def progress_reporter(total: int, description: str):
-    """A rich progress bar on a terminal (samples, MB/s); a no-op context otherwise."""
-    if not sys.stderr.isatty():
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return _RichProgress(
-        Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[mb_s]:.1f} MB/s"), TimeRemainingColumn(), transient=True,
-        ),
-        total,
-        description,
-    )
-
-
-class _NoProgress:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _RichProgress:
-    def __init__(self, progress, total: int, description: str):
-        self.progress, self.total, self.description = progress, total, description
-
-    def __enter__(self) -> Callable[[int, int], None]:
-        self.progress.start()
-        task = self.progress.add_task(self.description, total=self.total, mb_s=0.0)
-        start = time.perf_counter()
-
-        def update(samples: int, written: int) -> None:
-            mb_s = written / 1e6 / max(time.perf_counter() - start, 1e-9)
-            self.progress.update(task, completed=samples, mb_s=mb_s)
-
-        return update
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-        return False

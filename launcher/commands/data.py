@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shards import ade20k, synth as synth_data
 from shards.errors import BadSourceError, ShardsError
 from shards.reader import verify_split
-from shards.writer import image_folder_samples, progress_reporter, write_split
+from shards.writer import image_folder_samples, write_split
 
 
 def synth(out: Path, train: int, val: int, size: tuple[int, int], classes: int, seed: int, force: bool = False) -> int:
@@ -76,3 +78,48 @@ def verify(directory: Path) -> int:
     if problems:
         raise ShardsError("shard verification failed: " + "; ".join(problems))
     return 0
+
+
+# ---- what a person watches -------------------------------------------------------------------------------
+def progress_reporter(total: int, description: str):
+    """A rich progress bar on a terminal (samples, MB/s); a no-op context otherwise."""
+    if not sys.stderr.isatty():
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return _RichProgress(
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[mb_s]:.1f} MB/s"), TimeRemainingColumn(), transient=True,
+        ),
+        total,
+        description,
+    )
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _RichProgress:
+    def __init__(self, progress, total: int, description: str):
+        self.progress, self.total, self.description = progress, total, description
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        self.progress.start()
+        task = self.progress.add_task(self.description, total=self.total, mb_s=0.0)
+        start = time.perf_counter()
+
+        def update(samples: int, written: int) -> None:
+            mb_s = written / 1e6 / max(time.perf_counter() - start, 1e-9)
+            self.progress.update(task, completed=samples, mb_s=mb_s)
+
+        return update
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
