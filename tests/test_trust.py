@@ -25,7 +25,7 @@ import torch
 from launcher import checkpoint as layout
 from launcher import runlock, runs
 from launcher.cli import main as segjobs
-from tests.jobspecs import losses, same_losses, write_spec
+from tests.jobspecs import same_losses, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
