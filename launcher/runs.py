@@ -331,7 +331,8 @@ def check_run_dir(run_dir: Path, source: str) -> None:
         raise RunError(f"{source}: output_dir {run_dir} is a file, not a folder.")
     if any((run_dir / name).exists() for name in ("run.json", "run.lock", "checkpoints")):
         return
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name != "logs")
+    ours = {"logs", ".run.lock.filelock", ".run.json.filelock"}  # logs/ of a submission, the lock files' markers
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in ours)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise RunError(f"{source}: output_dir {run_dir} already holds files that no segjobs run wrote ({shown}); "

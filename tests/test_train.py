@@ -44,11 +44,14 @@ def torchrun(nproc: int, spec: Path, *overrides: str) -> subprocess.CompletedPro
 
 def kill_after_checkpoint(command: list[str], checkpoint: Path) -> None:
     """Start a training process and SIGKILL it as soon as `checkpoint` exists."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    log = checkpoint.parent.parent.parent / f"{checkpoint.parent.parent.name}.stderr"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"

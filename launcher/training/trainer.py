@@ -338,8 +338,9 @@ def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str
     `on_trainer` sees the trainer before the loop starts (the SLURM job attaches its signal handler);
     `job_running` asks SLURM whether a lock holder's job still runs (see launcher.runlock.stale_reason)."""
     check_environment(spec, source)
-    runs.check_run_dir(spec.run_dir, source)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # known before the Accelerator: rank 0 takes the run
+    if main_rank:  # the other ranks would see rank 0's lock files appear
+        runs.check_run_dir(spec.run_dir, source)
     with RunLock(spec.run_dir, job_id, job_running) if main_rank else contextlib.nullcontext():
         return _run_locked(spec, source, job_id, cluster, restart_count, on_trainer)
 
