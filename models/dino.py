@@ -204,7 +204,7 @@ def cancel_last_layer_gradients(model: DINO, epoch: int, freeze_last_layer: int 
 
 
 def _dino(size: str, patch_size: int, **options) -> DINO:
-    backbone_keys = {"drop_path_rate", "img_size"}
+    backbone_keys = {"drop_path_rate", "img_size", "depth"}  # depth: fewer blocks, for quick experiments
     backbone_options = {k: options.pop(k) for k in list(options) if k in backbone_keys}
     backbone = vit_config(size, patch_size, layer_norm_eps=1e-6, pos_resize="dino",
                           **{"drop_path_rate": 0.1, **backbone_options})

@@ -49,7 +49,8 @@ VIT_SIZES = {  # (embed_dim, depth, num_heads): Dosovitskiy et al. 2021; Touvron
 
 def vit_config(size: str, patch_size: int, **overrides) -> ViTConfig:
     embed_dim, depth, num_heads = VIT_SIZES[size]
-    return ViTConfig(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **overrides)
+    return ViTConfig(**{"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
+                        **overrides})
 
 
 class ViT(VisionTransformer):

@@ -12,7 +12,7 @@ TINY = {
                   "data": {"crop_size": 32, "scale": [128, 32]}},
     "wnet": {"model": {"name": "wnet_tiny", "options": {"base_channels": 8, "levels": 3, "num_segments": 4}},
              "data": {"image_size": 32}},
-    "dino": {"model": {"name": "dino_vits16", "options": {"out_dim": 64, "img_size": 32}},
+    "dino": {"model": {"name": "dino_vits16", "options": {"out_dim": 64, "img_size": 32, "depth": 4, "hidden_dim": 256}},
              "data": {"global_crop_size": 32, "local_crop_size": 16, "local_crops": 2},
              "optim": {"weight_decay": 0.04, "weight_decay_end": 0.4}, "train": {"clip_grad": 3.0}},
 }
