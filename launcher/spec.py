@@ -58,6 +58,7 @@ class DataSpec(Section):
     global_scale: tuple[float, float] = Field((0.4, 1.0), description="DINO: area range of global crops (paper: 0.4..1.0).")
     local_scale: tuple[float, float] = Field((0.05, 0.4), description="DINO: area range of local crops (paper: 0.05..0.4).")
     image_size: int = Field(224, ge=16, description="W-Net: training crop size (paper: 224).")
+    normalization: Literal["vit", "imagenet"] | None = Field(None, description="Segmenter: input statistics of the backbone's weights: vit (mean = std = 0.5, the ViT weights the paper starts from) or imagenet (DeiT, DINO). None: from model.pretrained's kind (imagenet without one). Recorded in checkpoints; evaluation and pictures use the same.")
 
 
 class OptimSpec(Section):
@@ -67,15 +68,18 @@ class OptimSpec(Section):
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (DINO: 0.04 rising to `weight_decay_end`).")
     weight_decay_end: float | None = Field(None, ge=0, description="Final weight decay of a cosine schedule (DINO: 0.4); None keeps it constant.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(False, description="SGD with Nesterov momentum (Segmenter: timm's `sgd`, which is Nesterov).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
 
 
 class ScheduleSpec(Section):
-    kind: Literal["poly", "cosine", "constant"] = Field("cosine", description="poly (Segmenter: power 0.9), cosine (DINO's cosine_scheduler) or constant, from the peak to min_lr over the horizon after the warmup.")
+    kind: Literal["poly", "cosine", "constant", "step"] = Field("cosine", description="poly (Segmenter: power 0.9), cosine (DINO's cosine_scheduler) or constant, from the peak to min_lr over the horizon after the warmup; step: the peak x gamma every step_size steps (W-Net: / 10 every 1000).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0, reaching the peak on its last step, over this many optimizer steps.")
     warmup_epochs: float | None = Field(None, ge=0, le=10**6, description="The warmup in epochs instead (DINO: 10); replaces warmup_steps.")
     power: float = Field(0.9, gt=0, description="Exponent of the poly schedule.")
     min_lr: float = Field(0.0, ge=0, description="Final learning rate.")
+    step_size: int = Field(1000, ge=1, le=MAX_STEPS, description="step: optimizer steps between two decays (W-Net paper: 1000).")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: the factor of each decay (W-Net paper: 0.1).")
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "ScheduleSpec":
@@ -120,6 +124,9 @@ class WNetSpec(Section):
     radius: float = Field(5.0, gt=1, description="N-cut window radius in pixels (paper: 5).")
     sigma_i: float = Field(10.0, gt=0, description="N-cut intensity scale, for 0..255 pixel values (paper: 10).")
     sigma_x: float = Field(4.0, gt=0, description="N-cut spatial scale in pixels (paper: 4).")
+    reconstruction: Literal["sum", "mean"] = Field("sum", description="The reconstruction loss: squared error summed over pixels and channels, per image, as the paper writes it (sum), or its mean over all values (mean: about H x W x 3 times weaker against the N-cut).")
+    postprocess: Literal["none", "crf", "crf+merge"] = Field("none", description="Evaluation and pictures: the paper's post-processing, a dense CRF (5 mean-field iterations) and then merging adjacent segments by mean colour.")
+    merge_segments: int = Field(8, ge=1, description="crf+merge: segments left per image after merging.")
 
 
 class ResourcesSpec(Section):
@@ -163,7 +170,10 @@ class JobSpec(Section):
 
 
 # Changing these makes a checkpoint meaningless: resuming with a different value is refused.
-RESUME_KEYS = ("model.name", "model.options", "optim.kind", "optim.lr_scaling", "schedule.kind", "seed")
+RESUME_KEYS = ("model.name", "model.options", "optim.kind", "optim.lr_scaling", "schedule.kind", "data.normalization", "seed")
+
+
+RESOLVED_AT_START = ("data.normalization",)  # None in a spec: the trainer resolves it and records the value
 
 
 def resume_fingerprint(spec: JobSpec) -> dict:
@@ -181,7 +191,8 @@ def resume_fingerprint(spec: JobSpec) -> dict:
 def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
     """Why a checkpoint written with the fingerprint `saved` cannot be resumed under `spec` (None if it can)."""
     now = resume_fingerprint(spec)
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]  # older checkpoints record fewer keys
+    # Older checkpoints record fewer keys; data.normalization left unset is resolved at the start, as it was.
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k] and not (k in RESOLVED_AT_START and now[k] is None)]
     if not changed:
         return None
     differences = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -287,6 +298,13 @@ def check_environment(spec: JobSpec, source: str) -> None:
             models.create(spec.model.name, **spec.model.options)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{source}: model.options: {spec.model.name} does not accept {spec.model.options} ({exc}).") from None
+    if spec.model.pretrained:
+        from models.pretrained import PretrainedError, resolve
+
+        try:
+            resolve(spec.model.pretrained)
+        except PretrainedError as exc:
+            raise SpecError(f"{source}: model.pretrained: {exc}") from None
     for key in ("train", "val"):
         folder = getattr(spec.data, key)
         if folder is not None and not (folder / "manifest.json").is_file():

@@ -81,7 +81,10 @@ def resolve(pretrained: str | Path) -> Path:
             f"is downloaded at run time. Download it once where there is internet and pass the file: "
             f"pretrained=/path/to/{HUB_FILES[name]}."
         )
-    raise PretrainedError(f"pretrained {name!r}: no such file (known names: {', '.join(sorted(HUB_FILES))}).")
+    raise PretrainedError(f"pretrained {name!r}: no such file (known names: {', '.join(sorted(HUB_FILES))}). Nothing is "
+                          "downloaded at run time: fetch the file once where there is internet (README lists each "
+                          "recipe's file), or set model.pretrained: null to train from random weights, which is a "
+                          "different experiment from the paper's.")
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -106,6 +109,22 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PretrainedError(f"{path}: holds no state dict of tensors.")
     return {_strip(k, "module."): v for k, v in state.items()}, kind
+
+
+def normalization_of(pretrained: str | Path | None) -> str:
+    """The input statistics a weights file was trained with: "vit" (mean = std = 0.5) for Google's ViT weights
+    as timm serves them (a ViT with its classifier `head.*`: the weights Segmenter starts from) and Segmenter
+    checkpoints; "imagenet" for DeiT files (by name, or a distillation token), DINO files (official backbones
+    carry no classifier; training checkpoints a teacher) and when there are no weights at all."""
+    if not pretrained or str(pretrained) in HUB_FILES:
+        return "imagenet"
+    path = resolve(pretrained)
+    state, kind = read_state_dict(path)
+    if kind.startswith("DINO") or "deit" in path.name.lower() or "dist_token" in state:
+        return "imagenet"
+    if _is_bare_vit(state) and not any(key.startswith("head.") for key in state):
+        return "imagenet"
+    return "vit"
 
 
 def _strip(key: str, prefix: str) -> str:

@@ -36,10 +36,23 @@ class SegmenterConfig:
     decoder_dropout: float = 0.1
 
 
+def init_weights(module: nn.Module) -> None:
+    """The reference's decoder initialisation: Linear weights truncated normal (std 0.02, cut at +-2), zero
+    biases; LayerNorm weight 1, bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class LinearDecoder(nn.Module):
     def __init__(self, width: int, num_classes: int):
         super().__init__()
         self.head = nn.Linear(width, num_classes)
+        self.apply(init_weights)
 
     def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         logits = self.head(patches)  # B, h * w, classes
@@ -63,6 +76,7 @@ class MaskTransformer(nn.Module):
         self.proj_classes = nn.Parameter(scale * torch.randn(width, width))
         self.decoder_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.mask_norm = nn.LayerNorm(num_classes, eps=LAYER_NORM_EPS)
+        self.apply(init_weights)  # the blocks' layers too; proj_patch and proj_classes keep scale x N(0, 1)
         nn.init.trunc_normal_(self.cls_emb, std=0.02)
 
     def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -114,28 +128,35 @@ class Segmenter(nn.Module):
 
 
 @torch.no_grad()
-def sliding_window_logits(model: Segmenter, images: torch.Tensor, window: int = 512, stride: int = 341) -> torch.Tensor:
-    """Logits from overlapping windows; where windows overlap their softmax outputs are averaged.
+def sliding_window_logits(model: Segmenter, images: torch.Tensor, window: int = 512, stride: int = 512,
+                          batch: int = 8) -> torch.Tensor:
+    """The reference's sliding-window inference (segm/model/utils.py: resize, sliding_window, merge_windows).
 
-    Returns averaged class probabilities (B, classes, H, W). Images smaller than a window are run whole.
+    The short side is first brought up to `window` when smaller (bilinear, keeping the aspect ratio); windows of
+    `window` x `window` start every `stride` pixels, the last one aligned to the border; where windows overlap
+    their logits are averaged. Returns logits (B, classes, H', W') at the possibly enlarged size: the caller
+    resizes them to the label's size (bilinear) before the softmax, as the reference does.
     """
-    batch, _, height, width = images.shape
-    if height <= window and width <= window:
-        return model(images).softmax(dim=1)
-    probs = images.new_zeros(batch, model.config.num_classes, height, width)
-    counts = images.new_zeros(1, 1, height, width)
-    tops = list(range(0, max(height - window, 0) + 1, stride))
-    lefts = list(range(0, max(width - window, 0) + 1, stride))
-    if tops[-1] + window < height:
-        tops.append(height - window)
-    if lefts[-1] + window < width:
-        lefts.append(width - window)
-    for top in tops:
-        for left in lefts:
-            crop = images[..., top : top + window, left : left + window]
-            probs[..., top : top + crop.shape[-2], left : left + crop.shape[-1]] += model(crop).softmax(dim=1)
-            counts[..., top : top + crop.shape[-2], left : left + crop.shape[-1]] += 1
-    return probs / counts
+    height, width = images.shape[-2:]
+    if min(height, width) < window:
+        ratio = max(height, width) / min(height, width)
+        size = (window, int(ratio * window)) if height < width else (int(ratio * window), window)
+        images = F.interpolate(images, size=size, mode="bilinear")
+        height, width = size
+    tops = [t for t in range(0, height, stride) if t < height - window] + [height - window]
+    lefts = [x for x in range(0, width, stride) if x < width - window] + [width - window]
+    anchors = [(top, left) for top in tops for left in lefts]
+    logits = images.new_zeros(images.shape[0], model.config.num_classes, height, width)
+    counts = images.new_zeros(height, width)
+    for top, left in anchors:
+        counts[top : top + window, left : left + window] += 1
+    for index, image in enumerate(images):
+        for first in range(0, len(anchors), batch):
+            chunk = anchors[first : first + batch]
+            crops = torch.stack([image[:, top : top + window, left : left + window] for top, left in chunk])
+            for (top, left), crop_logits in zip(chunk, model(crops).float()):
+                logits[index, :, top : top + window, left : left + window] += crop_logits
+    return logits / counts
 
 
 def _segmenter(size: str, patch_size: int, decoder: str, img_size: int = 512, **options) -> Segmenter:

@@ -195,9 +195,14 @@ def dense_soft_ncut_loss(probs: torch.Tensor, image: torch.Tensor, radius: float
     return (k - (num / den).sum(dim=1)).mean()
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the U-Dec output and the input."""
-    return F.mse_loss(reconstruction, images)
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """The squared error between the U-Dec output and the input (B x C x H x W).
+
+    sum: ||X - U_Dec(U_Enc(X))||^2 summed over pixels and channels as the paper writes it, averaged over the
+    batch like the N-cut term. mean: over every value, C x H x W times smaller (150,528 for a 224 crop)."""
+    if reduction == "mean":
+        return F.mse_loss(reconstruction, images)
+    return (reconstruction - images).square().sum() / images.shape[0]
 
 
 @register("wnet", "wnet")

@@ -5,7 +5,8 @@ Every random choice comes from the numpy Generator passed in, which the loader s
 resumed run draws exactly what an uninterrupted one would. Outputs are uint8 CHW arrays (labels uint8 HW,
 255 = ignore); normalisation to float happens on the device, which moves 4x fewer bytes to the GPU.
 
-- SegmenterTrain / SegmenterEval: mmsegmentation's ADE20K pipeline (Strudel et al. 2021 train with it).
+- SegmenterTrain: mmsegmentation's ADE20K pipeline (Strudel et al. 2021 train with it).
+- WholeImage: the image and label as they are, for evaluations that resize on the device (Segmenter, W-Net).
 - DinoMultiCrop: DINO's DataAugmentationDINO (Caron et al. 2021, main_dino.py).
 - WNetCrop: resize + crop to a fixed size, flips (Xia & Kulis 2017 train on 224x224 crops).
 """
@@ -74,7 +75,11 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 @dataclass
 class SegmenterTrain:
     """mmseg ADE20K training: RandomResize(scale=(2048, 512), ratio 0.5..2.0, keep ratio), RandomCrop(512,
-    cat_max_ratio=0.75, up to 10 tries), RandomFlip(0.5), PhotoMetricDistortion, Pad(512; label with 255)."""
+    cat_max_ratio=0.75, up to 10 tries), RandomFlip(0.5), PhotoMetricDistortion, Pad(512; label with 255).
+
+    mmseg pads after Normalize, so the padded pixels are 0 in the model's input (the mean colour). The image is
+    padded here with 0 in uint8 and `valid` (height, width of the crop) goes with it: the device zeroes what lies
+    outside after normalising (launcher.training.families.segmenter)."""
 
     crop_size: int = 512
     scale: tuple[int, int] = (2048, 512)
@@ -99,7 +104,7 @@ class SegmenterTrain:
         padded_label = np.full((size, size), IGNORE_INDEX, np.uint8)
         padded_image[: pixels.shape[0], : pixels.shape[1]] = pixels
         padded_label[: label.shape[0], : label.shape[1]] = label
-        return {"image": to_chw(padded_image), "label": padded_label}
+        return {"image": to_chw(padded_image), "label": padded_label, "valid": np.array(label.shape, np.int64)}
 
     def _crop_origin(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
         """A crop origin whose largest class covers < cat_max_ratio of the crop (last try kept otherwise)."""
@@ -118,14 +123,12 @@ class SegmenterTrain:
 
 
 @dataclass
-class SegmenterEval:
-    """mmseg ADE20K test: Resize(scale=(2048, 512), keep ratio) of the image; the label stays at the original
-    resolution (predictions are resized back before scoring)."""
-
-    scale: tuple[int, int] = (2048, 512)
+class WholeImage:
+    """The image and label at their original resolution, for evaluations that work on the device: Segmenter
+    normalises and then resizes to each scale it evaluates at (mmseg's keep-ratio Resize, times each ratio of a
+    multi-scale evaluation); W-Net segments the whole image. Predictions are scored at the label's size."""
 
     def __call__(self, image: Image.Image, label: np.ndarray | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image = image.resize(rescale_size(*image.size, self.scale), Image.BILINEAR)
         out = {"image": to_chw(image)}
         if label is not None:
             out["label"] = label

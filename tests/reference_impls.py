@@ -82,3 +82,27 @@ def dino_forward(st, images, patch, heads, depth=12):
         x, attn = block(x, st, f"blocks.{i}.", heads, 1e-6)
     x = F.layer_norm(x, (x.shape[-1],), st["norm.weight"], st["norm.bias"], 1e-6)
     return x[:, 0], attn
+
+
+def segm_inference(model, image, window, stride, label_size):
+    """rstrudel/segmenter's single-scale evaluation of one normalised image (1, 3, H, W): segm/model/utils.py
+    resize (short side up to the window only when smaller), sliding_window (anchors every stride, the last at
+    the border), merge_windows (logits summed and divided by counts, bilinear to the label's size, softmax)."""
+    height, width = image.shape[2:]
+    if min(height, width) < window:
+        if height < width:
+            size = (window, int(width / height * window))
+        else:
+            size = (int(height / width * window), window)
+        image = F.interpolate(image, size, mode="bilinear")
+    height, width = image.shape[2:]
+    h_anchors = [h for h in range(0, height, stride) if h < height - window] + [height - window]
+    w_anchors = [w for w in range(0, width, stride) if w < width - window] + [width - window]
+    logit = torch.zeros(model.config.num_classes, height, width)
+    count = torch.zeros(1, height, width)
+    for ha in h_anchors:
+        for wa in w_anchors:
+            logit[:, ha:ha + window, wa:wa + window] += model(image[:, :, ha:ha + window, wa:wa + window])[0]
+            count[:, ha:ha + window, wa:wa + window] += 1
+    logit = F.interpolate((logit / count)[None], label_size, mode="bilinear")[0]
+    return F.softmax(logit, 0)

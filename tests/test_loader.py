@@ -9,7 +9,7 @@ from PIL import Image
 
 from shards.errors import CorruptShardError, ShardsError
 from shards.loader import build_loader
-from shards.transforms import SegmenterEval, SegmenterTrain, WNetCrop
+from shards.transforms import SegmenterTrain, WholeImage, WNetCrop
 
 CROP = SegmenterTrain(crop_size=48, scale=(256, 64))
 
@@ -65,7 +65,7 @@ def test_ranks_get_equal_batch_counts_on_uneven_shards(shard_root):
 
 
 def test_evaluation_covers_every_sample_once_across_ranks(shard_root):
-    per_rank = [keys(build_loader(shard_root / "validation", SegmenterEval(scale=(256, 64)), batch_size=2, rank=r,
+    per_rank = [keys(build_loader(shard_root / "validation", WholeImage(), batch_size=2, rank=r,
                                   world_size=2, train=False)) for r in range(2)]
     assert sorted(per_rank[0] + per_rank[1]) == [f"ADE_val_{i:08d}" for i in range(1, 10)]
 

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import models
 from launcher.cli import main as segjobs
@@ -195,13 +196,15 @@ def test_learning_rate_is_warmup_then_the_decay_of_its_kind(kind):
     assert rates == pytest.approx(np.concatenate([warmup, decay]), abs=1e-15)
 
 
-def test_sliding_window_averages_to_whole_image_probabilities_when_one_window_fits():
-    model = models.create("segmenter_t16_linear", img_size=64).eval()
-    images = torch.randn(1, 3, 48, 80)
-    whole = model(images).softmax(1)
-    assert torch.allclose(sliding_window_logits(model, images, window=96, stride=64), whole)
-    slid = sliding_window_logits(model, images, window=48, stride=32)
-    assert slid.shape == whole.shape and torch.allclose(slid.sum(1), torch.ones(1, 48, 80), atol=1e-5)
+@pytest.mark.parametrize("size, window, stride", [((48, 80), 32, 32), ((40, 70), 32, 24), ((20, 50), 32, 32), ((50, 20), 32, 16)])
+def test_sliding_window_is_the_references_inference(size, window, stride):
+    """Overlapping windows, the last aligned to the border, and short sides enlarged to the window, against
+    segm's resize / sliding_window / merge_windows restated."""
+    model = models.create("segmenter_t16_linear", img_size=32).eval()
+    image = torch.randn(1, 3, *size)
+    logits = sliding_window_logits(model, image, window=window, stride=stride, batch=3)
+    ours = F.interpolate(logits, size=(60, 90), mode="bilinear").softmax(1)[0]
+    assert torch.allclose(ours, ref.segm_inference(model, image, window, stride, (60, 90)), atol=1e-6)
 
 
 def test_soft_ncut_refuses_a_second_backward():

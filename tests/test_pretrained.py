@@ -131,3 +131,18 @@ def test_missing_and_foreign_files_are_explained(tmp_path):
     torch.save({"something.else": torch.zeros(3)}, path)
     with pytest.raises(PretrainedError, match="none of its 1 tensors"):
         models.create("wnet_tiny", pretrained=str(path))
+
+
+def test_the_input_statistics_follow_the_weights(dino_s16, tmp_path):
+    """segm's `normalization`: vit (mean = std = 0.5) for Google's ViT weights as timm serves them (with their
+    classifier), ImageNet's for DeiT and DINO weights, and for no weights at all."""
+    from models.pretrained import normalization_of
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
+    save_file(vit, str(tmp_path / "vit_tiny_patch16_384.augreg_in21k_ft_in1k.safetensors"))
+    torch.save(vit, tmp_path / "deit_tiny_patch16_224.pth")
+    torch.save(dino_s16.backbone.state_dict(), tmp_path / "backbone.pth")
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in dino_s16.backbone.state_dict().items()}}, tmp_path / "ckpt.pth")
+    assert normalization_of(tmp_path / "vit_tiny_patch16_384.augreg_in21k_ft_in1k.safetensors") == "vit"
+    assert [normalization_of(tmp_path / name) for name in ("deit_tiny_patch16_224.pth", "backbone.pth", "ckpt.pth")] == ["imagenet"] * 3
+    assert normalization_of(None) == normalization_of("dino_vits16") == "imagenet"

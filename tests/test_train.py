@@ -255,3 +255,31 @@ def test_weight_decay_groups_do_not_depend_on_a_ddp_wrapper():
     assert [[id(p) for p in g["params"]] for g in plain] == [[id(p) for p in g["params"]] for g in wrapped]
     decayed = {id(p) for p in plain[0]["params"]}
     assert decayed == {id(network.proj.weight)}  # pos_embed (no_weight_decay) and the bias do not decay
+
+
+def test_segmenter_statistics_are_resolved_from_the_weights_and_recorded(shard_root, tmp_path):
+    """data.normalization unset: vit for a timm ViT file; spec.yaml and the checkpoint carry it, so evaluation
+    normalises as training did without the file."""
+    import timm
+    from safetensors.torch import save_file
+
+    from launcher.training.restore import restore
+
+    weights = tmp_path / "vit_tiny_patch16_384.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), str(weights))
+    spec_file = write_spec(tmp_path, shard_root, "segmenter", name="vitstats", model={"pretrained": str(weights)},
+                           train={"max_steps": 2})
+    assert segjobs(["train", str(spec_file)]) == 0
+    assert yaml.safe_load((tmp_path / "vitstats" / "spec.yaml").read_text())["data"]["normalization"] == "vit"
+    weights.unlink()
+    spec, task, _, _ = restore(str(tmp_path / "vitstats"))
+    assert spec.data.normalization == "vit" and task.mean == (0.5, 0.5, 0.5)
+
+
+def test_a_recipe_without_its_pretrained_file_refuses_to_start(shard_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert segjobs(["train", str(REPO / "jobs" / "segmenter_tiny16.yaml"), "--set", f"data.train={shard_root / 'training'}",
+                    "--set", "data.val=null"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pretrained" in err and "vit_tiny_patch16_384" in err and "model.pretrained: null" in err
+    assert not (tmp_path / "runs").exists()

@@ -19,7 +19,7 @@ from launcher.training.families.registry import register_family
 from launcher.training.metrics import IGNORE_INDEX, SegmentationMetric
 from launcher.training.pictures import grid, overlay, to_batch
 from models.registry import register
-from shards.transforms import SegmenterEval, SegmenterTrain
+from shards.transforms import SegmenterTrain, WholeImage
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ToyTask(Task):
 
     @staticmethod
     def eval_pipeline(spec):
-        return SegmenterEval(scale=tuple(spec.data.scale))
+        return WholeImage()
 
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
         accelerator = context.accelerator

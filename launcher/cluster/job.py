@@ -126,6 +126,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
             if main:
                 runs.failed(spec.run_dir, f"{type(exc).__name__}: {exc}")
             raise
+        # The training is over: a SIGUSR2 from now on (SLURM may send it while the job finishes) must not kill
+        # the exiting process, which SLURM would record as FAILED. SIG_IGN outlives the interpreter's shutdown.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         if result["stopped"]:
             if main:
                 runs.requeued(spec.run_dir, env.job_id, requeue.reason, result["step"])

@@ -4,8 +4,11 @@
     segjobs eval runs/demo_segmenter/checkpoints/step_00000300 --mode slide --json
     segjobs eval /copied/step_00000300 --set data.val=data/shards/ade20k/validation
 
-W-Net and DINO report unsupervised mIoU: their clusters (W-Net's K segments; k-means with 20 centres on DINO's
-teacher patch features) are matched one-to-one to classes by the Hungarian method first.
+Segmenter reports mIoU, mAcc and pixel accuracy (`--mode whole | slide | ms-flip`). W-Net and DINO report
+unsupervised scores: their clusters (W-Net's K segments; k-means on DINO's teacher patch features with a
+cluster per class present in the split) are matched to classes one-to-one (Hungarian) and many-to-one (each
+cluster to the class it overlaps most); W-Net adds its reconstruction PSNR and, with wnet.postprocess set,
+the post-processed scores (post_*).
 """
 
 from __future__ import annotations
@@ -68,14 +71,24 @@ def ranked_classes(iou: list[float | None], names: list[str]) -> list[tuple[str,
     return sorted(present, key=lambda item: -item[1])
 
 
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """(key, label) of the scores the report holds, in reading order."""
+    matching = " (Hungarian)" if report["unsupervised"] else ""
+    labels = {"miou": f"mIoU{matching}", "macc": f"mAcc{matching}", "pixel_acc": f"pixel accuracy{matching}",
+              "many_to_one_miou": "mIoU (many-to-one)", "many_to_one_macc": "mAcc (many-to-one)",
+              "many_to_one_pixel_acc": "pixel accuracy (many-to-one)", "psnr": "reconstruction PSNR"}
+    rows = [(key, label) for key, label in labels.items() if key in report]
+    post = report.get("postprocess", "post-processed")
+    return rows + [(f"post_{key}", f"{label}, {post}") for key, label in labels.items() if f"post_{key}" in report]
+
+
 def show(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    kind = "unsupervised mIoU (Hungarian)" if report["unsupervised"] else "mIoU"
     summary = Table(show_header=False)
-    summary.add_row(kind, f"{report['miou']:.4f}")
-    summary.add_row("pixel accuracy", f"{report['pixel_acc']:.4f}")
+    for key, label in summary_rows(report):
+        summary.add_row(label, f"{report[key]:.2f} dB" if key.endswith("psnr") else f"{report[key]:.4f}")
     ranked = ranked_classes(report["iou"], report["class_names"])
     classes = Table(title=f"classes by IoU ({len(ranked)} present)", title_justify="left")
     classes.add_column("best", style="green")

@@ -36,6 +36,8 @@ def shortcut(family: str, batch_size: int | None, epochs: int | None, lr: float 
         extra.append(f"optim.lr={lr}")
     if pretrained is not None:
         extra += task.shortcut_pretrained(pretrained)
+    else:  # the shortcut trains from random weights unless --pretrained is given
+        extra.append("model.pretrained=null")
     return str(REPOSITORY / task.shortcut_spec), extra + overrides
 
 

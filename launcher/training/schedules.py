@@ -11,6 +11,7 @@ Semantics (facebookresearch/dino, utils.cosine_scheduler and main_dino.py):
   max_steps only stops training early: a run stopped at step k has followed the full run's curve up to k.
 - Warmup rises linearly from 0 and reaches the peak on its last step (np.linspace, end point included), over
   schedule.warmup_epochs x steps per epoch, or schedule.warmup_steps; the decay spans the rest of the horizon.
+- poly as segm's PolynomialLR: (peak - min_lr) x (1 - done / rest)^power + min_lr (Segmenter: power 0.9).
 - optim.lr_scaling linear256: the peak is optim.lr x global batch / 256, for the global batch of this start.
 """
 
@@ -67,11 +68,14 @@ def cosine(base: float, final: float, position: float, steps: int) -> float:
 
 
 def learning_rate(spec: JobSpec, horizon: Horizon, position: float) -> float:
-    """Linear warmup to the peak, then poly, cosine or constant down to schedule.min_lr at the horizon."""
+    """Linear warmup to the peak, then poly, cosine or constant down to schedule.min_lr at the horizon, or step
+    decay (the peak x gamma^floor(steps after the warmup / step_size), torch's StepLR, never below min_lr)."""
     sched, peak, warmup = spec.schedule, peak_learning_rate(spec, horizon.global_batch), horizon.warmup
     if position < warmup:
         return position * (peak / (warmup - 1)) if warmup > 1 else 0.0
     done, rest = position - warmup, max(horizon.steps - warmup, 1)
+    if sched.kind == "step":
+        return max(peak * sched.gamma ** (done // sched.step_size), sched.min_lr)
     if sched.kind == "poly":
         return sched.min_lr + (peak - sched.min_lr) * max(1 - done / rest, 0.0) ** sched.power
     if sched.kind == "cosine":

@@ -76,9 +76,9 @@ class Trainer:
                                          rank=self.rank, world_size=self.world, **loader_options)
         self.eval_loader = None
         if spec.data.val is not None:
-            # Every rank evaluates the whole split when the task needs it (k-means) or under FSDP, whose
-            # all-gathers need the same number of forwards on every rank.
-            sharded = task_class.eval_sharded and spec.train.strategy != "fsdp"
+            # Each rank evaluates its share, except under FSDP, whose all-gathers need the same number of
+            # forwards on every rank: there every rank evaluates the whole split.
+            sharded = spec.train.strategy != "fsdp"
             self.eval_loader = build_loader(spec.data.val, task_class.eval_pipeline(spec), batch_size=spec.data.eval_batch_size,
                                             rank=self.rank if sharded else 0, world_size=self.world if sharded else 1,
                                             train=False, **{**loader_options, "pin_memory": False})

@@ -24,6 +24,8 @@ from launcher.training.schedules import Horizon, learning_rate, peak_learning_ra
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# data.normalization -> (mean, std) of the backbone's weights, as segm/data/utils.py's STATS ("deit" there).
+NORMALIZATION = {"vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 @dataclass
@@ -42,7 +44,6 @@ class Task(ABC):
     family: str = ""  # set by @register_family
     shortcut_spec: str | None = None  # `segjobs train --model FAMILY` starts from this spec (relative to the repository)
     ddp_find_unused_parameters = False  # W-Net's N-cut step leaves U-Dec without gradients
-    eval_sharded = True  # False: every rank evaluates the whole split (DINO's k-means needs all features)
     supports_grad_accum = True  # False when one batch already takes several optimizer steps (W-Net)
     channels_last = False  # convolutional networks: NHWC memory format
     supervised = True  # False: evaluation matches predicted clusters to classes (Hungarian)
@@ -88,8 +89,9 @@ class Task(ABC):
         """The resolved values the schedules use (`segjobs plan --json`)."""
         sched, optim = spec.schedule, spec.optim
         warmup = {"warmup_epochs": sched.warmup_epochs} if sched.warmup_epochs is not None else {"warmup_steps": sched.warmup_steps}
+        decay = {"step_size": sched.step_size, "gamma": sched.gamma} if sched.kind == "step" else {}
         return {"lr": optim.lr, "lr_peak": peak_learning_rate(spec, horizon.global_batch), "lr_scaling": optim.lr_scaling,
-                "schedule": sched.kind, "min_lr": sched.min_lr, **warmup, "warmup_iters": horizon.warmup,
+                "schedule": sched.kind, "min_lr": sched.min_lr, **decay, **warmup, "warmup_iters": horizon.warmup,
                 "weight_decay": optim.weight_decay, "weight_decay_end": optim.weight_decay_end}
 
     def check_data(self, manifest) -> None:
@@ -116,7 +118,8 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, loader, accelerator) -> dict:
-        """{"miou", "pixel_acc", "iou": [per class]} over the loader's split (num_classes from its manifest)."""
+        """{"miou", "macc", "pixel_acc", "iou": [per class], ...} over the loader's split (num_classes from its
+        manifest); unsupervised families add the many_to_one_* scores (launcher.training.metrics)."""
 
     @abstractmethod
     def pictures(self, samples: list[tuple[np.ndarray, np.ndarray | None]], device) -> dict[str, Image.Image]:
@@ -153,7 +156,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(spec, groups: list[dict]) -> torch.optim.Optimizer:
     if spec.optim.kind == "sgd":
-        return torch.optim.SGD(groups, lr=spec.optim.lr, momentum=spec.optim.momentum)
+        return torch.optim.SGD(groups, lr=spec.optim.lr, momentum=spec.optim.momentum, nesterov=spec.optim.nesterov)
     return torch.optim.AdamW(groups, lr=spec.optim.lr, betas=spec.optim.betas)
 
 

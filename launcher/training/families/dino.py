@@ -1,12 +1,14 @@
 """DINO: student and EMA teacher on multi-crop views; loss with centring and sharpening; the reference's
 schedules (learning rate, weight decay, teacher momentum, teacher temperature) and last-layer freezing.
-Evaluation: k-means on the teacher's patch features, then unsupervised mIoU by Hungarian matching.
+Evaluation: k-means (a cluster per class present) on the teacher's patch features, then unsupervised mIoU by
+Hungarian and many-to-one matching, as PiCIE and STEGO score it.
 Pictures: the teacher's per-head CLS attention and its 60%-mass masks; an animation of the mean attention."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
@@ -22,8 +24,8 @@ from models.dino import (DINOLoss, attention_masks, cancel_last_layer_gradients,
                          teacher_temperature)
 from shards.transforms import DinoMultiCrop, WNetCrop
 
-EVAL_CLUSTERS = 20
-MAX_KMEANS_FEATURES = 100_000
+MAX_KMEANS_FEATURES = 100_000  # patch features k-means is fitted on, all ranks together: 150 MB at ViT-S's 384 dims
+KMEANS_SEED = 0  # the sample and k-means++: evaluating a checkpoint twice gives the same numbers
 ATTENTION_SIZE = 224  # pictures: the shorter side, as in the paper's figures (a multiple of 8 and 16)
 
 
@@ -32,7 +34,6 @@ class DinoTask(Task):
     shortcut_spec = "jobs/dino_vits8.yaml"
     frames_name = "attention.gif"
     supervised = False
-    eval_sharded = False  # k-means must see the whole split: every rank evaluates all of it, identically
 
     def __init__(self, spec, accelerator, horizon):
         super().__init__(spec, accelerator, horizon)
@@ -116,35 +117,55 @@ class DinoTask(Task):
 
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:
-        """Teacher patch features of every validation image, clustered by k-means (20 clusters), each patch's
-        cluster upsampled to the label's pixels, matched to classes."""
+        """Unsupervised segmentation scored as PiCIE and STEGO do: k-means with as many clusters as classes
+        present in the split, on the teacher's L2-normalised patch features; each patch's cluster upsampled
+        (nearest) to the label's pixels; clusters matched to classes one-to-one (Hungarian) and many-to-one.
+
+        Two full passes over the loader. The first keeps a uniform sample of at most MAX_KMEANS_FEATURES patch
+        features (all ranks together; never every feature: ViT-S/8 on ADE20K's 2,000 validation images has
+        2.4 GB of them at 224 px crops) and counts the classes present (ignore index excluded). k-means is
+        fitted on the sample on the accelerator, seeded: the same numbers every time on the same device. The
+        second pass assigns every patch to its nearest centre.
+
+        Note: with a loader split across ranks every rank must call this (collectives): the ranks pool their
+        classes and samples so that all fit the same centres, then sum their confusions."""
         teacher = unwrap(self.teacher)
         teacher.eval()
         if hasattr(teacher, "unshard"):  # FSDP: the backbone is called directly, past the root's hooks
             teacher.unshard()
-        features, labels = [], []
-        for batch in loader:
-            images = normalize(to_device(batch["image"], accelerator.device))
-            with accelerator.autocast():
-                tokens = teacher.backbone.tokens(images)[:, 1:].float()
-            patch = teacher.config.backbone.patch_size
-            grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-            features.extend(t.cpu() for t in tokens)
-            labels.extend((label, grid) for label in batch["label"])
-        if hasattr(teacher, "reshard"):
-            teacher.reshard()
-        teacher.train()
-        if not features:
-            return {"miou": 0.0, "pixel_acc": 0.0, "iou": []}
-        stacked = torch.cat(features)
-        sample = stacked[torch.randperm(len(stacked), generator=torch.Generator().manual_seed(0))[:MAX_KMEANS_FEATURES]]
-        centers = kmeans(sample, EVAL_CLUSTERS)
-        metric = SegmentationMetric(loader.manifest.num_classes, num_predicted=EVAL_CLUSTERS)
-        for tokens, (label, grid) in zip(features, labels):
-            assignment = torch.cdist(F.normalize(tokens, dim=1), centers).argmin(1).reshape(1, 1, *grid).float()
-            cluster_map = F.interpolate(assignment, size=label.shape[-2:], mode="nearest")[0, 0].long()
-            metric.update(cluster_map, label)
-        return metric.compute()
+        try:
+            num_classes = loader.manifest.num_classes
+            world = loader.stream.world_size if dist.is_available() and dist.is_initialized() else 1
+            reservoir = Reservoir(-(-MAX_KMEANS_FEATURES // world), teacher.config.backbone.embed_dim,
+                                  seed=KMEANS_SEED + loader.stream.rank)
+            present = torch.zeros(num_classes, dtype=torch.int64)  # per class, the images showing it
+            for batch in full_pass(loader):
+                features, _ = patch_features(teacher, batch, accelerator)
+                reservoir.add(features.flatten(0, 1).cpu())
+                for label in batch["label"]:
+                    present += torch.bincount(label[label != IGNORE_INDEX].long().flatten(), minlength=num_classes) > 0
+            sample = reservoir.sample()
+            if world > 1:  # each rank saw its share of the split
+                sample, present = pool_across_ranks(sample, reservoir.capacity, present, accelerator)
+            clusters = int((present > 0).sum())
+            if not len(sample) or not clusters:  # an empty split, or nothing labelled: nothing to score
+                return SegmentationMetric(num_classes, num_predicted=1).compute()
+            centers = kmeans(sample.to(accelerator.device), clusters, seed=KMEANS_SEED)
+            if world > 1:  # the same sample and seed give the same centres; rank 0's also where the GPUs differ
+                dist.broadcast(centers, src=0)
+            metric = SegmentationMetric(num_classes, num_predicted=clusters)
+            for batch in full_pass(loader):
+                features, grid_shape = patch_features(teacher, batch, accelerator)
+                assignment = torch.cdist(features, centers[None]).argmin(-1).reshape(-1, 1, *grid_shape).float()
+                for cluster_map, label in zip(assignment, batch["label"]):
+                    metric.update(F.interpolate(cluster_map[None], size=label.shape[-2:], mode="nearest")[0, 0], label)
+            if world > 1:
+                metric.all_reduce()
+            return metric.compute()
+        finally:
+            if hasattr(teacher, "reshard"):
+                teacher.reshard()
+            teacher.train()
 
     def picture_network(self):
         return unwrap(self.teacher)
@@ -165,6 +186,61 @@ class DinoTask(Task):
         shown, maps, masks = attention_views(network, image, device)
         mask = np.where(masks.max(0) > 0, 0, IGNORE_INDEX)
         return grid([[shown, heatmap(maps.mean(0)), overlay(shown, mask, alpha=0.6)]])
+
+
+def full_pass(loader):
+    """Every batch of the loader's split from its start, the same ones each call (evaluation reads in manifest
+    order, and each sample's pipeline is seeded with (seed, epoch, sample)): a pass left unfinished, by an
+    error say, would otherwise make the next one resume where it stopped."""
+    loader.set_epoch(loader.epoch)
+    return iter(loader)
+
+
+def patch_features(teacher, batch: dict, accelerator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B x patches x D L2-normalised float32 patch tokens on the device, the patch grid's (rows, columns))."""
+    images = normalize(to_device(batch["image"], accelerator.device))
+    with accelerator.autocast():
+        tokens = teacher.backbone.tokens(images)[:, 1:]  # without the CLS token
+    patch = teacher.config.backbone.patch_size
+    return F.normalize(tokens.float(), dim=-1), (images.shape[-2] // patch, images.shape[-1] // patch)
+
+
+class Reservoir:
+    """A uniform random sample of at most `capacity` of the rows streamed through add() (Vitter's algorithm R,
+    a batch at a time), in `capacity` x `dim` float32 of CPU memory whatever the stream's length."""
+
+    def __init__(self, capacity: int, dim: int, seed: int):
+        self.capacity, self.seen = capacity, 0
+        self.rows = torch.empty(capacity, dim)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, rows: torch.Tensor) -> None:
+        # The i-th row (from 0) takes slot i while there is room, then a random slot of [0, i] if one below the
+        # capacity; of several rows drawing the same slot the last one stays, as one by one.
+        index = torch.arange(self.seen, self.seen + len(rows))
+        slots = torch.where(index < self.capacity, index,
+                            (torch.rand(len(rows), generator=self.generator, dtype=torch.float64) * (index + 1)).long())
+        kept = slots < self.capacity
+        last = torch.full((self.capacity,), -1).scatter_reduce_(0, slots[kept], torch.nonzero(kept)[:, 0], "amax")
+        filled = last >= 0
+        self.rows[filled] = rows[last[filled]].float()
+        self.seen += len(rows)
+
+    def sample(self) -> torch.Tensor:
+        return self.rows[: min(self.seen, self.capacity)]
+
+
+def pool_across_ranks(sample: torch.Tensor, capacity: int, present: torch.Tensor,
+                      accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's sample (padded to `capacity` rows for the all-gather, then trimmed) in rank order, and the
+    per-class counts summed over the ranks: the same on every rank. The pooled sample is uniform over the
+    split up to the ranks' shares differing by a batch of images."""
+    padded = torch.zeros(capacity, sample.shape[1])
+    padded[: len(sample)] = sample
+    rows = accelerator.gather(padded.to(accelerator.device)).cpu()
+    counts = accelerator.gather(torch.tensor([len(sample)], device=accelerator.device)).cpu().tolist()
+    pooled = torch.cat([rows[rank * capacity : rank * capacity + count] for rank, count in enumerate(counts)])
+    return pooled, accelerator.reduce(present.to(accelerator.device), reduction="sum").cpu()
 
 
 def params_groups(model, weight_decay: float) -> list[dict]:

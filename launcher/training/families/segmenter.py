@@ -1,5 +1,16 @@
-"""Segmenter: per-pixel cross-entropy (ignore 255) on mmseg's ADE20K pipeline; mIoU evaluation; pictures of
-image | ground truth | prediction."""
+"""Segmenter as rstrudel/segmenter trains and evaluates it: per-pixel cross-entropy (ignore 255) on mmseg's ADE20K
+pipeline, inputs normalised with the backbone's statistics and padded with 0 after normalising; mIoU, mAcc and
+pixel accuracy by the reference's protocols; pictures of image | ground truth | prediction.
+
+Evaluation modes (`segjobs eval --mode`), each from the image at its original size, normalised on the device:
+- whole: mmseg's keep-ratio Resize to data.scale (2048 x 512), one forward, logits bilinear to the label's size.
+- slide: the reference's protocol (segm/model/utils.py inference): the same resize, windows of data.crop_size
+  (512) at a stride of the window, the last aligned to the border, logits averaged, bilinear to the label's size.
+- ms-flip: slide at the scales 0.5 .. 1.75 of data.scale, each flipped and not, softmax averaged (segm's
+  set_multiscale_mode), as the paper's multi-scale tables report.
+Images are resized with torch's bilinear (align_corners=False), which is OpenCV's INTER_LINEAR that mmcv uses,
+on normalised floats rather than rounded uint8.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +21,34 @@ import torch
 import torch.nn.functional as F
 
 from launcher.spec import SpecError
-from launcher.training.families.base import StepContext, Task, normalize, to_device, transformer_blocks
+from launcher.training.families.base import NORMALIZATION, StepContext, Task, normalize, to_device, transformer_blocks
 from launcher.training.families.registry import register_family
 from launcher.training.metrics import IGNORE_INDEX, SegmentationMetric
 from launcher.training.pictures import grid, overlay, to_batch
+from models.pretrained import normalization_of
 from models.segmenter import sliding_window_logits
-from shards.transforms import SegmenterEval, SegmenterTrain, rescale_size
+from shards.transforms import SegmenterTrain, WholeImage, rescale_size
+
+MS_FLIP_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # segm/data/base.py set_multiscale_mode
 
 log = logging.getLogger("segjobs.train")
 
 
 @register_family("segmenter")
 class SegmenterTask(Task):
-    eval_modes = ("whole", "slide")
+    eval_modes = ("whole", "slide", "ms-flip")
     shortcut_spec = "jobs/segmenter_tiny16.yaml"
 
     def __init__(self, spec, accelerator, horizon):
         super().__init__(spec, accelerator, horizon)
         self.num_classes = self.model.config.num_classes
+        if spec.data.normalization is None:  # resolved once, then recorded in spec.yaml and every checkpoint
+            spec.data.normalization = normalization_of(spec.model.pretrained)
+            log.info("data.normalization: %s, from model.pretrained (%s)", spec.data.normalization, spec.model.pretrained)
+        self.mean, self.std = NORMALIZATION[spec.data.normalization]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.mean, self.std)
 
     @classmethod
     def shortcut_pretrained(cls, pretrained: str) -> list[str]:
@@ -51,11 +72,12 @@ class SegmenterTask(Task):
 
     @staticmethod
     def eval_pipeline(spec):
-        return SegmenterEval(scale=tuple(spec.data.scale))
+        return WholeImage()
 
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
         accelerator = context.accelerator
-        images = normalize(to_device(batch["image"], accelerator.device))
+        images = self.normalize(to_device(batch["image"], accelerator.device))
+        images = zero_padding(images, to_device(batch["valid"], accelerator.device))
         labels = to_device(batch["label"], accelerator.device).long()
         with accelerator.accumulate(self.model), accelerator.autocast():
             logits = self.model(images)
@@ -69,8 +91,7 @@ class SegmenterTask(Task):
 
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:
-        """mIoU at the label's resolution: logits of the resized image (whole, or slide: windows of the training
-        crop with mmseg's 2/3 stride, softmax averaged), upsampled bilinearly."""
+        """mIoU, mAcc and pixel accuracy at the label's resolution, in self.eval_mode (module docstring)."""
         self.model.eval()
         metric = SegmentationMetric(self.num_classes)
         for batch in loader:
@@ -78,27 +99,45 @@ class SegmenterTask(Task):
             labels = batch["label"] if isinstance(batch["label"], list) else list(batch["label"])
             for image, label in zip(images, labels):
                 with accelerator.autocast():
-                    pixels = normalize(to_device(image[None], accelerator.device))
-                    if self.eval_mode == "slide":
-                        crop = self.spec.data.crop_size
-                        logits = sliding_window_logits(self.model, pixels, window=crop, stride=max(crop * 2 // 3, 1))
-                    else:
-                        logits = self.model(pixels)
-                logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear")
-                metric.update(logits.argmax(1)[0].cpu(), label)
+                    probs = self.predict(self.normalize(to_device(image[None], accelerator.device)))
+                metric.update(probs.argmax(1)[0].cpu(), label)
         if loader.stream.world_size > 1:  # each rank saw its share of the split
             metric.all_reduce()
         self.model.train()
         return metric.compute()
 
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (1, classes, H, W) of a normalised image (1, 3, H, W) at its own size."""
+        height, width = pixels.shape[-2:]
+        multi = self.eval_mode == "ms-flip"
+        views = [(ratio, flip) for ratio in MS_FLIP_RATIOS for flip in (False, True)] if multi else [(1.0, False)]
+        window, (long_side, short_side) = self.spec.data.crop_size, self.spec.data.scale
+        probs = torch.zeros(1, self.num_classes, height, width, device=pixels.device)
+        for ratio, flip in views:
+            size = rescale_size(width, height, (int(long_side * ratio), int(short_side * ratio)))[::-1]
+            view = F.interpolate(pixels, size=size, mode="bilinear")
+            view = view.flip(-1) if flip else view
+            if self.eval_mode == "whole":
+                logits = self.model(view)
+            else:
+                logits = sliding_window_logits(self.model, view, window=window, stride=window)
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear")
+            probs += (logits.flip(-1) if flip else logits).softmax(1)
+        return probs / len(views)
+
     @torch.no_grad()
     def pictures(self, samples, device) -> dict:
-        """image | ground truth | prediction per sample, each class in its colour."""
+        """image | ground truth | prediction (in the evaluation mode, whole unless set) per sample, each class in its colour."""
         rows = []
         for image, label in samples:
-            width, height = rescale_size(image.shape[1], image.shape[0], tuple(self.spec.data.scale))
-            logits = self.model(normalize(to_batch(image, (height, width), device)))
-            prediction = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear").argmax(1)[0].cpu().numpy()
+            prediction = self.predict(self.normalize(to_batch(image, image.shape[:2], device))).argmax(1)[0].cpu().numpy()
             truth = label if label is not None else np.full(image.shape[:2], IGNORE_INDEX)
             rows.append([image, overlay(image, truth), overlay(image, prediction)])
         return {"segmenter.png": grid(rows)}
+
+
+def zero_padding(images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Set to 0 what lies outside each image's valid (height, width): mmseg pads after normalising."""
+    rows = torch.arange(images.shape[-2], device=images.device).view(1, -1, 1) < valid[:, :1, None]
+    columns = torch.arange(images.shape[-1], device=images.device).view(1, 1, -1) < valid[:, 1:, None]
+    return images * (rows & columns)[:, None]

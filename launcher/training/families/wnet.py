@@ -1,19 +1,24 @@
 """W-Net: the paper's alternating schedule, per batch an N-cut step on U-Enc then a reconstruction step on
-both U-Nets; evaluation is unsupervised mIoU (clusters matched to classes by the Hungarian algorithm);
-pictures of image | segments | reconstruction."""
+both U-Nets; evaluation on whole images: unsupervised scores of its K segments (Hungarian one-to-one and
+many-to-one) and the reconstruction's PSNR, with and without the paper's post-processing (wnet.postprocess:
+a dense CRF, then merging adjacent segments by mean colour); pictures of image | segments | reconstruction."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 
 from launcher.training.families.base import StepContext, Task, make_optimizer, param_groups, to_device
 from launcher.training.families.registry import register_family
 from launcher.training.metrics import SegmentationMetric
 from launcher.training.parallel import unwrap
 from launcher.training.pictures import colourize, grid, to_batch
+from models.crf import dense_crf, merge_segments
 from models.wnet import Module as UNetModule
 from models.wnet import reconstruction_loss, soft_ncut_loss
-from shards.transforms import WNetCrop
+from shards.transforms import WholeImage, WNetCrop
 
 
 @register_family("wnet")
@@ -34,7 +39,7 @@ class WNetTask(Task):
 
     @staticmethod
     def eval_pipeline(spec):
-        return WNetCrop(size=spec.data.image_size, train=False)
+        return WholeImage()
 
     def shard_units(self, module):
         return [m for m in module.modules() if isinstance(m, UNetModule)]
@@ -60,7 +65,7 @@ class WNetTask(Task):
         full_opt.zero_grad(set_to_none=True)
         with accelerator.autocast():
             _, reconstruction = self.model(images)
-        rec = reconstruction_loss(reconstruction.float(), images.float())
+        rec = reconstruction_loss(reconstruction.float(), images.float(), reduction=wnet.reconstruction)
         accelerator.backward(rec)
         if self.spec.train.clip_grad:
             accelerator.clip_grad_norm_(self.model.parameters(), self.spec.train.clip_grad)
@@ -70,28 +75,56 @@ class WNetTask(Task):
 
     @torch.no_grad()
     def evaluate(self, loader, accelerator) -> dict:
+        """Scores of the K segments on whole images, and the reconstruction's PSNR (dB, pixels in 0..1, averaged
+        over images). With wnet.postprocess set, the post-processed segments are scored too (keys post_*)."""
         self.model.eval()
-        metric = SegmentationMetric(loader.manifest.num_classes, num_predicted=self.num_segments)
+        classes, postprocess = loader.manifest.num_classes, self.spec.wnet.postprocess != "none"
+        raw = SegmentationMetric(classes, num_predicted=self.num_segments)
+        post = SegmentationMetric(classes, num_predicted=self.num_segments)
+        psnr = torch.zeros(2, dtype=torch.float64)  # sum of PSNRs, images
         for batch in loader:
-            images = to_device(batch["image"], accelerator.device).float() / 255.0
-            with accelerator.autocast():
-                probs, _ = self.model(images, decode=False)
-            clusters = probs.argmax(1).cpu()
-            for cluster_map, label in zip(clusters, batch["label"]):
-                metric.update(cluster_map, label)
+            for image, label in zip(batch["image"], batch["label"]):
+                pixels = to_device(image[None], accelerator.device).float() / 255.0
+                with accelerator.autocast():
+                    probs, reconstruction = self.model(pixels, decode=True)
+                error = (reconstruction.float().clamp(0, 1) - pixels).square().mean().item()
+                psnr += torch.tensor([10 * math.log10(1 / max(error, 1e-10)), 1.0], dtype=torch.float64)
+                raw.update(probs.argmax(1)[0].cpu(), label)
+                if postprocess:
+                    post.update(self.postprocess(probs[0].float(), image), label)
         if loader.stream.world_size > 1:  # each rank saw its share of the split
-            metric.all_reduce()
+            raw.all_reduce()
+            post.all_reduce()
+            if dist.is_available() and dist.is_initialized():
+                psnr = psnr.to(accelerator.device)
+                dist.all_reduce(psnr)
         self.model.train()
-        return metric.compute()
+        result = {**raw.compute(), "psnr": float(psnr[0] / psnr[1]) if psnr[1] else 0.0}
+        if postprocess:
+            result["postprocess"] = self.spec.wnet.postprocess
+            result.update({f"post_{key}": value for key, value in post.compute().items() if key != "iou"})
+        return result
+
+    def postprocess(self, probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Segments (H x W) after wnet.postprocess: the dense CRF on U-Enc's probabilities (K x H x W) and the
+        image (3 x H x W uint8), then, for crf+merge, merging down to wnet.merge_segments."""
+        pixels = image.permute(1, 2, 0).cpu()
+        segments = dense_crf(probs.cpu(), pixels).argmax(0)
+        if self.spec.wnet.postprocess == "crf+merge":
+            segments = merge_segments(segments, pixels, target=self.spec.wnet.merge_segments)
+        return segments
 
     @torch.no_grad()
     def pictures(self, samples, device) -> dict:
-        """image | segmentation (a colour per cluster) | reconstruction per sample."""
+        """image | segments (post-processed as wnet.postprocess says) | reconstruction per sample."""
         rows = []
         for image, _ in samples:  # W-Net pads to its own multiple: any size goes
-            pixels = to_batch(image, image.shape[:2], device).float() / 255.0
-            probs, reconstruction = self.model(pixels, decode=True)
-            clusters = probs.argmax(1)[0].cpu().numpy()
+            batch = to_batch(image, image.shape[:2], device)
+            probs, reconstruction = self.model(batch.float() / 255.0, decode=True)
+            if self.spec.wnet.postprocess == "none":
+                segments = probs.argmax(1)[0]
+            else:
+                segments = self.postprocess(probs[0].float(), batch[0])
             rebuilt = (reconstruction[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-            rows.append([image, colourize(clusters, offset=1), rebuilt])
+            rows.append([image, colourize(segments.cpu().numpy(), offset=1), rebuilt])
         return {"wnet.png": grid(rows)}
