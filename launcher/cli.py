@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="evaluate a run's latest checkpoint (or a checkpoint folder) on a shard split")
     evaluation.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run name or folder, or a checkpoints/step_NNNNNNNN folder")
     evaluation.add_argument("--split", default="validation", help="shard split beside the spec's data.val (default validation)")
-    evaluation.add_argument("--mode", choices=["whole", "slide", "ms-flip"], default="whole",
-                            help="Segmenter: whole images, sliding windows (the reference's protocol) or multi-scale + flip")
+    evaluation.add_argument("--mode", choices=["whole", "slide", "ms-flip"], default=None,
+                            help="Segmenter: sliding windows (the reference's protocol, its default), whole images or multi-scale + flip")
     evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
 
     pictures = commands.add_parser("visualize", parents=[overriding],

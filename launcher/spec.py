@@ -71,6 +71,12 @@ class OptimSpec(Section):
     nesterov: bool = Field(False, description="SGD with Nesterov momentum (Segmenter: timm's `sgd`, which is Nesterov).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimSpec":
+        if self.nesterov and (self.kind != "sgd" or self.momentum == 0):
+            raise ValueError("optim.nesterov needs optim.kind: sgd and a momentum above 0")
+        return self
+
 
 class ScheduleSpec(Section):
     kind: Literal["poly", "cosine", "constant", "step"] = Field("cosine", description="poly (Segmenter: power 0.9), cosine (DINO's cosine_scheduler) or constant, from the peak to min_lr over the horizon after the warmup; step: the peak x gamma every step_size steps (W-Net: / 10 every 1000).")
@@ -170,7 +176,11 @@ class JobSpec(Section):
 
 
 # Changing these makes a checkpoint meaningless: resuming with a different value is refused.
-RESUME_KEYS = ("model.name", "model.options", "optim.kind", "optim.lr_scaling", "schedule.kind", "data.normalization", "seed")
+RESUME_KEYS = ("model.name", "model.options", "optim.kind", "optim.lr_scaling", "schedule.kind", "data.normalization",
+               "wnet.reconstruction", "seed")
+# What checkpoints written before a key was recorded trained with, for the models it applies to (by name prefix);
+# other keys missing from an older checkpoint are not compared.
+EARLIER_DEFAULTS = {"data.normalization": ("segmenter", "imagenet"), "wnet.reconstruction": ("wnet", "mean")}
 
 
 RESOLVED_AT_START = ("data.normalization",)  # None in a spec: the trainer resolves it and records the value
@@ -188,14 +198,21 @@ def resume_fingerprint(spec: JobSpec) -> dict:
     return out
 
 
+def earlier_default(key: str, saved: dict, current):
+    """The value a checkpoint that does not record `key` trained with: EARLIER_DEFAULTS for its model, else `current`."""
+    prefix, value = EARLIER_DEFAULTS.get(key, (None, current))
+    return value if prefix and str(saved.get("model.name", "")).startswith(prefix) else current
+
+
 def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
     """Why a checkpoint written with the fingerprint `saved` cannot be resumed under `spec` (None if it can)."""
     now = resume_fingerprint(spec)
-    # Older checkpoints record fewer keys; data.normalization left unset is resolved at the start, as it was.
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k] and not (k in RESOLVED_AT_START and now[k] is None)]
+    before = {k: saved.get(k, earlier_default(k, saved, now[k])) for k in RESUME_KEYS}  # older checkpoints record fewer
+    # data.normalization left unset is resolved when training starts, as it was the first time.
+    changed = [k for k in RESUME_KEYS if before[k] != now[k] and not (k in RESOLVED_AT_START and now[k] is None)]
     if not changed:
         return None
-    differences = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+    differences = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
     return f"{', '.join(changed)} changed since the checkpoint ({differences})"
 
 
@@ -298,13 +315,6 @@ def check_environment(spec: JobSpec, source: str) -> None:
             models.create(spec.model.name, **spec.model.options)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{source}: model.options: {spec.model.name} does not accept {spec.model.options} ({exc}).") from None
-    if spec.model.pretrained:
-        from models.pretrained import PretrainedError, resolve
-
-        try:
-            resolve(spec.model.pretrained)
-        except PretrainedError as exc:
-            raise SpecError(f"{source}: model.pretrained: {exc}") from None
     for key in ("train", "val"):
         folder = getattr(spec.data, key)
         if folder is not None and not (folder / "manifest.json").is_file():
@@ -313,11 +323,22 @@ def check_environment(spec: JobSpec, source: str) -> None:
                 f"{source}: data.{key}: {folder} {what}; expected a shard folder made by `segjobs shard` "
                 f"(e.g. data/shards/ade20k/{'training' if key == 'train' else 'validation'})."
             )
+    if spec.data.val is not None:
+        check_labelled(spec.data.val, f"{source}: data.val")
     if spec.model.pretrained:
         try:
             models.pretrained.resolve(spec.model.pretrained)
         except models.PretrainedError as exc:
             raise SpecError(f"{source}: model.pretrained: {exc}") from None
+
+
+def check_labelled(split: Path, culprit: str) -> None:
+    """Evaluation scores predictions against labels: refuse image-only shards before any work is done."""
+    from shards import manifest
+
+    if not manifest.load(split).labelled:
+        raise SpecError(f"{culprit}: {split} holds image-only shards (num_classes 0 in its manifest.json); evaluation "
+                        "needs labelled shards (set data.val: null to train without evaluating).")
 
 
 def _type_name(annotation: Any) -> str:

@@ -97,7 +97,8 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         with torch.serialization.safe_globals([argparse.Namespace]):  # main_dino.py's `args`
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the file's fault here
-        raise PretrainedError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}).") from None
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]  # torch's advice after it is for trusted files
+        raise PretrainedError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first_line}).") from None
     if isinstance(obj, dict) and "teacher" in obj:
         state, kind = obj["teacher"], "DINO training checkpoint (teacher)"
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -112,15 +113,22 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def normalization_of(pretrained: str | Path | None) -> str:
-    """The input statistics a weights file was trained with: "vit" (mean = std = 0.5) for Google's ViT weights
-    as timm serves them (a ViT with its classifier `head.*`: the weights Segmenter starts from) and Segmenter
-    checkpoints; "imagenet" for DeiT files (by name, or a distillation token), DINO files (official backbones
-    carry no classifier; training checkpoints a teacher) and when there are no weights at all."""
+    """The input statistics a weights file was trained with: "vit" (mean = std = 0.5) or "imagenet".
+
+    - imagenet: DINO files (official backbones carry no classifier; training checkpoints a teacher; segjobs'
+      DINO models name their ViT `backbone.`), DeiT files (a distillation token, or "deit" in the file name:
+      a DeiT without distillation is a ViT by its keys), and no weights at all;
+    - vit: Google's ViT weights as timm serves them (a ViT with its classifier `head.*`: what Segmenter starts
+      from) and Segmenter checkpoints of a ViT encoder.
+    A file this cannot tell (a DeiT saved as model.safetensors, say) needs data.normalization set."""
     if not pretrained or str(pretrained) in HUB_FILES:
         return "imagenet"
     path = resolve(pretrained)
     state, kind = read_state_dict(path)
-    if kind.startswith("DINO") or "deit" in path.name.lower() or "dist_token" in state:
+    keys = [_strip(_strip(key, "encoder."), "backbone.") for key in state]
+    if kind.startswith("DINO") or any(key.startswith("backbone.") for key in state):
+        return "imagenet"
+    if "dist_token" in keys or "deit" in path.name.lower():
         return "imagenet"
     if _is_bare_vit(state) and not any(key.startswith("head.") for key in state):
         return "imagenet"

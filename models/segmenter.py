@@ -128,7 +128,7 @@ class Segmenter(nn.Module):
 
 
 @torch.no_grad()
-def sliding_window_logits(model: Segmenter, images: torch.Tensor, window: int = 512, stride: int = 512,
+def sliding_window_logits(model: nn.Module, images: torch.Tensor, window: int = 512, stride: int = 512,
                           batch: int = 8) -> torch.Tensor:
     """The reference's sliding-window inference (segm/model/utils.py: resize, sliding_window, merge_windows).
 
@@ -146,16 +146,19 @@ def sliding_window_logits(model: Segmenter, images: torch.Tensor, window: int = 
     tops = [t for t in range(0, height, stride) if t < height - window] + [height - window]
     lefts = [x for x in range(0, width, stride) if x < width - window] + [width - window]
     anchors = [(top, left) for top in tops for left in lefts]
-    logits = images.new_zeros(images.shape[0], model.config.num_classes, height, width)
     counts = images.new_zeros(height, width)
     for top, left in anchors:
         counts[top : top + window, left : left + window] += 1
+    logits = None  # sized by the first windows' output: `model` may be wrapped (DDP, FSDP)
     for index, image in enumerate(images):
         for first in range(0, len(anchors), batch):
             chunk = anchors[first : first + batch]
             crops = torch.stack([image[:, top : top + window, left : left + window] for top, left in chunk])
-            for (top, left), crop_logits in zip(chunk, model(crops).float()):
-                logits[index, :, top : top + window, left : left + window] += crop_logits
+            crop_logits = model(crops).float()
+            if logits is None:
+                logits = crop_logits.new_zeros(images.shape[0], crop_logits.shape[1], height, width)
+            for (top, left), window_logits in zip(chunk, crop_logits):
+                logits[index, :, top : top + window, left : left + window] += window_logits
     return logits / counts
 
 

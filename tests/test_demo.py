@@ -65,7 +65,7 @@ def test_eval_of_a_constant_prediction_matches_the_hand_computed_numbers(trained
     assert report["samples"] == 9 and report["step"] == 2
     assert json.loads((tmp_path / "elsewhere" / "eval" / "step_00000002.json").read_text())["miou"] == report["miou"]
 
-    assert segjobs(["eval", str(copied), "--mode", "slide"]) == 0
+    assert segjobs(["eval", str(copied), "--mode", "ms-flip"]) == 0
     shown = capsys.readouterr().out
     assert "mIoU" in shown
     from shards.ade20k import CLASSES

@@ -146,3 +146,9 @@ def test_the_input_statistics_follow_the_weights(dino_s16, tmp_path):
     assert normalization_of(tmp_path / "vit_tiny_patch16_384.augreg_in21k_ft_in1k.safetensors") == "vit"
     assert [normalization_of(tmp_path / name) for name in ("deit_tiny_patch16_224.pth", "backbone.pth", "ckpt.pth")] == ["imagenet"] * 3
     assert normalization_of(None) == normalization_of("dino_vits16") == "imagenet"
+    segmenter = models.create("segmenter_t16_linear", img_size=32).state_dict()
+    torch.save({"model": segmenter}, tmp_path / "checkpoint.pth")  # an official Segmenter checkpoint, ViT encoder
+    torch.save({"model": {**segmenter, "encoder.dist_token": torch.zeros(1, 1, 192)}}, tmp_path / "distilled.pth")
+    torch.save({"model": dino_s16.state_dict()}, tmp_path / "segjobs_dino.pth")  # backbone.* keys
+    assert normalization_of(tmp_path / "checkpoint.pth") == "vit"
+    assert normalization_of(tmp_path / "distilled.pth") == normalization_of(tmp_path / "segjobs_dino.pth") == "imagenet"

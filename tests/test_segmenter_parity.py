@@ -17,7 +17,6 @@ from launcher.training.families.segmenter import SegmenterTask, zero_padding
 from launcher.training.parallel import build_accelerator
 from launcher.training.schedules import Horizon
 from launcher.training.trainer import apply_schedules
-from shards.transforms import rescale_size
 from tests import reference_impls as ref
 
 SPEC = {"name": "parity", "model": {"name": "segmenter_t16_mask", "options": {"img_size": 32, "num_classes": 5}},
@@ -100,6 +99,12 @@ def test_padding_is_zeroed_after_normalising():
     assert out[1].eq(200).all()
 
 
+def mmcv_rescale_size(width, height, scale):
+    """mmcv.rescale_size with a (long, short) scale, as mmseg's keep-ratio Resize calls it."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
 @pytest.mark.parametrize("mode", ["slide", "ms-flip"])
 def test_evaluation_is_the_references_protocol(mode):
     """slide: the keep-ratio resize to data.scale, then segm's inference; ms-flip: the same at the ratios
@@ -116,7 +121,7 @@ def test_evaluation_is_the_references_protocol(mode):
         views = [(r, f) for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for f in (False, True)] if mode == "ms-flip" else [(1.0, False)]
         theirs = torch.zeros(5, 40, 70)
         for ratio, flip in views:
-            width, height = rescale_size(70, 40, (int(128 * ratio), int(32 * ratio)))  # mmseg's Resize(img_ratios)
+            width, height = mmcv_rescale_size(70, 40, (int(128 * ratio), int(32 * ratio)))  # Resize(img_ratios)
             view = F.interpolate(image, size=(height, width), mode="bilinear")
             probs = ref.segm_inference(task.model, view.flip(-1) if flip else view, 32, 32, (40, 70))
             theirs += probs.flip(-1) if flip else probs

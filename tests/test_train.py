@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -283,3 +284,60 @@ def test_a_recipe_without_its_pretrained_file_refuses_to_start(shard_root, tmp_p
     err = capsys.readouterr().err
     assert "model.pretrained" in err and "vit_tiny_patch16_384" in err and "model.pretrained: null" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("optimizer, finite", [([], True), (["optim.kind=sgd", "optim.momentum=0.9"], False)],
+                         ids=["the recipe's Adam", "SGD"])
+def test_the_wnet_recipe_trains_on_224_crops_with_the_summed_reconstruction(optimizer, finite, shard_root, tmp_path):
+    """jobs/wnet.yaml's optimizer, learning rate and summed reconstruction (on W-Net-Tiny, batch 2): Adam keeps
+    the losses finite and the reconstruction falling; SGD at the paper's lr 0.003 blows up within 6 steps."""
+    run_dir = tmp_path / "wnet224"
+    overrides = ["model.name=wnet_tiny", f"data.train={shard_root / 'training'}", "data.val=null", "data.batch_size=2",
+                 "data.num_workers=0", "train.max_steps=6", "train.log_every=1", "train.precision='no'", f"output_dir={run_dir}",
+                 *optimizer]
+    code = segjobs(["train", str(REPO / "jobs" / "wnet.yaml"), *[a for o in overrides for a in ("--set", o)]])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if finite:
+        assert code == 0 and all(math.isfinite(r["loss"]) for r in records)
+        assert records[-1]["reconstruction"] < records[0]["reconstruction"]
+    else:
+        assert code == 1 or not all(math.isfinite(r["loss"]) and r["loss"] < 1e8 for r in records)
+
+
+def test_a_resume_refuses_what_an_older_checkpoint_trained_differently():
+    """Checkpoints from before data.normalization and wnet.reconstruction were recorded trained with ImageNet
+    statistics and the mean reconstruction: resuming them under other values is refused, not done silently."""
+    from launcher.spec import parse_spec, resume_conflict
+
+    def spec(model, **sections):
+        return parse_spec({"name": "r", "model": {"name": model}, "data": {"train": "x"}, "train": {"max_steps": 5},
+                           **sections}, "test")
+
+    def older(model):  # a fingerprint without the newer keys
+        return {"model.name": model, "model.options": {}, "optim.kind": "adamw", "seed": 0}
+
+    assert "wnet.reconstruction: 'mean' -> 'sum'" in resume_conflict(older("wnet_tiny"), spec("wnet_tiny"))
+    assert resume_conflict(older("wnet_tiny"), spec("wnet_tiny", wnet={"reconstruction": "mean"})) is None
+    assert resume_conflict(older("segmenter_t16_mask"), spec("segmenter_t16_mask")) is None  # resolved at start
+    assert "'imagenet' -> 'vit'" in resume_conflict(older("segmenter_t16_mask"),
+                                                   spec("segmenter_t16_mask", data={"train": "x", "normalization": "vit"}))
+    assert resume_conflict(older("dino_vits16"), spec("dino_vits16")) is None  # neither key applies to DINO
+
+
+def test_image_only_validation_shards_are_refused_before_training(synth_copy, shard_root, tmp_path, capsys):
+    """Evaluation needs labels: image-only shards as data.val stop the run before its first step (not at its
+    final evaluation), and `segjobs eval --split` on them exits 2 as well."""
+    import shutil
+
+    shutil.rmtree(synth_copy / "annotations" / "validation")
+    shards = tmp_path / "image_only"
+    assert segjobs(["shard", "ade20k", str(synth_copy), str(shards)]) == 0
+    spec = write_spec(tmp_path, shard_root, "segmenter", name="unlabelled", data={"val": str(shards / "validation")})
+    capsys.readouterr()
+    assert segjobs(["train", str(spec)]) == 2
+    assert "data.val" in capsys.readouterr().err and not (tmp_path / "unlabelled").exists()
+    trained = write_spec(tmp_path, shard_root, "segmenter", name="labelled", train={"max_steps": 1})
+    assert segjobs(["train", str(trained)]) == 0
+    capsys.readouterr()
+    assert segjobs(["eval", str(tmp_path / "labelled"), "--set", f"data.val={shards / 'validation'}"]) == 2
+    assert "image-only shards" in capsys.readouterr().err

@@ -5,6 +5,7 @@ bounded sample of patch features, the same numbers every time and under two rank
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from launcher.cli import main as segjobs
 from launcher.commands.eval import evaluate
 from launcher.training.families import dino
+from launcher.training.families import wnet as wnet_family
 from launcher.training.metrics import SegmentationMetric
 from shards.loader import build_loader
 from shards.transforms import WholeImage, WNetCrop
@@ -72,6 +74,14 @@ def test_as_many_clusters_as_classes_are_still_matched():
     metric.update(torch.tensor([1, 1, 0]), torch.tensor([0, 0, 1]))
     assert metric.compute()["miou"] == 1.0 and metric.compute()["many_to_one_miou"] == 1.0
     assert metric_of([[0, 1], [2, 0]], num_predicted=None).compute()["miou"] == 0.0  # supervised: no matching
+
+
+def test_a_class_never_labelled_takes_no_cluster():
+    """Three clusters, classes 0 and 2 labelled, class 1 never: the spare cluster stays unmatched (its pixels
+    wrong) rather than going to class 1, which would then count in mIoU with IoU 0."""
+    result = metric_of([[6, 0, 0], [0, 0, 3], [2, 0, 1]], num_predicted=3).compute()
+    assert math.isnan(result["iou"][1])
+    assert result["miou"] == pytest.approx((6 / 8 + 3 / 4) / 2) and result["pixel_acc"] == pytest.approx(9 / 12)
 
 
 def test_reservoir_keeps_a_bounded_uniform_sample():
@@ -192,14 +202,31 @@ def test_wnet_eval_scores_whole_images_with_and_without_post_processing(shard_ro
     spec = write_spec(tmp_path, shard_root, "wnet", name="wnet_eval", train={"max_steps": 2},
                       wnet={"postprocess": "crf+merge", "merge_segments": 2})
     assert segjobs(["train", str(spec)]) == 0
-    shapes = []
+    scored = []  # (prediction, label) as the metrics receive them: raw and post-processed, image by image
     original = SegmentationMetric.update
-    monkeypatch.setattr(SegmentationMetric, "update", lambda self, pred, target: (shapes.append((pred.shape, target.shape)), original(self, pred, target)))
+
+    def update(self, pred, target):
+        scored.append((pred, target))
+        original(self, pred, target)
+
+    monkeypatch.setattr(SegmentationMetric, "update", update)
+    calls = {"dense_crf": 0, "merge_segments": 0}
+    for name in calls:
+        real = getattr(wnet_family, name)
+
+        def counted(*args, name=name, real=real, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(wnet_family, name, counted)
     report = evaluate(str(tmp_path / "wnet_eval"))
     loader = build_loader(shard_root / "validation", WholeImage(), batch_size=1, rank=0, world_size=1, train=False)
     labels = [tuple(label.shape) for batch in loader for label in batch["label"]]
     loader.close()
-    assert [tuple(p) for p, _ in shapes[::2]] == labels and all(tuple(p) == tuple(t) for p, t in shapes)
+    assert [tuple(pred.shape) for pred, _ in scored[::2]] == labels
+    assert all(pred.shape == target.shape for pred, target in scored)
+    assert all(len(pred.unique()) <= 2 for pred, _ in scored[1::2])  # merged down to wnet.merge_segments
+    assert calls == {"dense_crf": len(labels), "merge_segments": len(labels)}  # once per image, on every image
     assert {"miou", "macc", "pixel_acc", "many_to_one_miou", "psnr", "post_miou", "post_many_to_one_miou"} <= set(report)
     assert report["postprocess"] == "crf+merge" and 0 < report["psnr"] < 60
     assert report["many_to_one_pixel_acc"] >= report["pixel_acc"]  # many-to-one never scores below one-to-one

@@ -1,10 +1,10 @@
 """`segjobs eval`: a trained model's numbers on a shard split, as a rich table and eval/step_NNNNNNNN.json.
 
     segjobs eval demo_segmenter                              # the run's latest checkpoint, validation split
-    segjobs eval runs/demo_segmenter/checkpoints/step_00000300 --mode slide --json
+    segjobs eval runs/demo_segmenter/checkpoints/step_00000300 --mode ms-flip --json
     segjobs eval /copied/step_00000300 --set data.val=data/shards/ade20k/validation
 
-Segmenter reports mIoU, mAcc and pixel accuracy (`--mode whole | slide | ms-flip`). W-Net and DINO report
+Segmenter reports mIoU, mAcc and pixel accuracy (`--mode slide | whole | ms-flip`; slide by default). W-Net and DINO report
 unsupervised scores: their clusters (W-Net's K segments; k-means on DINO's teacher patch features with a
 cluster per class present in the split) are matched to classes one-to-one (Hungarian) and many-to-one (each
 cluster to the class it overlaps most); W-Net adds its reconstruction PSNR and, with wnet.postprocess set,
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from launcher import checkpoint as layout
-from launcher.spec import SpecError
+from launcher.spec import SpecError, check_labelled
 
 SHOWN_CLASSES = 10
 
@@ -30,18 +30,20 @@ def split_folder(spec, split: str) -> Path:
     folder = anchor if anchor.name == split else anchor.parent / split
     if not (folder / "manifest.json").is_file():
         raise SpecError(f"--split {split}: {folder} holds no shards (manifest.json); pass --set data.val=FOLDER.")
+    check_labelled(folder, f"--split {split}")
     return folder
 
 
-def evaluate(target: str, split: str = "validation", mode: str = "whole", overrides: list[str] = ()) -> dict:
+def evaluate(target: str, split: str = "validation", mode: str | None = None, overrides: list[str] = ()) -> dict:
     """Evaluate a run's latest checkpoint (or a checkpoint folder) and write eval/step_NNNNNNNN.json beside it."""
     from launcher.training.restore import output_folder, restore
     from shards.loader import build_loader
 
     spec, task, accelerator, checkpoint = restore(target, overrides)
+    mode = mode or task.eval_mode  # the family's default, which the trainer's evaluations use too
     if mode not in task.eval_modes:
         raise SpecError(f"--mode {mode}: {spec.model.name} evaluates in {' or '.join(task.eval_modes)} mode only.")
-    task.eval_mode = mode
+    default_mode, task.eval_mode = task.eval_mode, mode
     folder = split_folder(spec, split)
     loader = build_loader(folder, task.eval_pipeline(spec), batch_size=spec.data.eval_batch_size, rank=0, world_size=1,
                           train=False, seed=spec.seed, num_workers=spec.data.num_workers)
@@ -56,8 +58,8 @@ def evaluate(target: str, split: str = "validation", mode: str = "whole", overri
               "seconds": round(time.perf_counter() - start, 2), "unsupervised": not task.supervised,
               "class_names": loader.manifest.names(), **result}
     report["iou"] = [None if math.isnan(v) else v for v in report["iou"]]  # JSON has no NaN: absent classes are null
-    # The trainer's final evaluation (validation, whole) has the same name: the same numbers, more fields.
-    suffix = "" if (split, mode) == ("validation", "whole") else f"_{split}_{mode}"
+    # The trainer's final evaluation (validation, the default mode) has the same name: the same numbers, more fields.
+    suffix = "" if (split, mode) == ("validation", default_mode) else f"_{split}_{mode}"
     out = output_folder(checkpoint) / "eval" / f"{checkpoint.name}{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

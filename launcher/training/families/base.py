@@ -47,7 +47,7 @@ class Task(ABC):
     supports_grad_accum = True  # False when one batch already takes several optimizer steps (W-Net)
     channels_last = False  # convolutional networks: NHWC memory format
     supervised = True  # False: evaluation matches predicted clusters to classes (Hungarian)
-    eval_modes = ("whole",)  # Segmenter adds "slide" (overlapping windows of the training crop)
+    eval_modes = ("whole",)  # the first is the default, which the trainer's evaluations use (Segmenter: slide)
     # The animation over a folder of frames (DINO: attention.gif); a family that names one also supplies the
     # classmethod frame_picture(network, image, device) -> PIL image, one frame of it. None: no animation.
     frames_name: str | None = None
@@ -59,7 +59,7 @@ class Task(ABC):
         self.spec = spec
         self.model: nn.Module = models.create(spec.model.name, pretrained=spec.model.pretrained, **spec.model.options)
         self.optimizers: list[torch.optim.Optimizer] = []
-        self.eval_mode = "whole"
+        self.eval_mode = self.eval_modes[0]
 
     @staticmethod
     @abstractmethod

@@ -36,7 +36,7 @@ log = logging.getLogger("segjobs.train")
 
 @register_family("segmenter")
 class SegmenterTask(Task):
-    eval_modes = ("whole", "slide", "ms-flip")
+    eval_modes = ("slide", "whole", "ms-flip")  # slide: the protocol segm evaluates with, in training too
     shortcut_spec = "jobs/segmenter_tiny16.yaml"
 
     def __init__(self, spec, accelerator, horizon):
@@ -127,7 +127,7 @@ class SegmenterTask(Task):
 
     @torch.no_grad()
     def pictures(self, samples, device) -> dict:
-        """image | ground truth | prediction (in the evaluation mode, whole unless set) per sample, each class in its colour."""
+        """image | ground truth | prediction (in the evaluation mode, slide unless set) per sample, each class in its colour."""
         rows = []
         for image, label in samples:
             prediction = self.predict(self.normalize(to_batch(image, image.shape[:2], device))).argmax(1)[0].cpu().numpy()

@@ -106,12 +106,13 @@ class WNetTask(Task):
         return result
 
     def postprocess(self, probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Segments (H x W) after wnet.postprocess: the dense CRF on U-Enc's probabilities (K x H x W) and the
-        image (3 x H x W uint8), then, for crf+merge, merging down to wnet.merge_segments."""
-        pixels = image.permute(1, 2, 0).cpu()
-        segments = dense_crf(probs.cpu(), pixels).argmax(0)
+        """Segments (H x W, on the CPU) after wnet.postprocess: the dense CRF on U-Enc's probabilities (K x H x W)
+        and the image (3 x H x W uint8), on the probabilities' device, then, for crf+merge, merging down to
+        wnet.merge_segments on the CPU."""
+        pixels = image.permute(1, 2, 0)
+        segments = dense_crf(probs, pixels.to(probs.device)).argmax(0).cpu()
         if self.spec.wnet.postprocess == "crf+merge":
-            segments = merge_segments(segments, pixels, target=self.spec.wnet.merge_segments)
+            segments = merge_segments(segments, pixels.cpu(), target=self.spec.wnet.merge_segments)
         return segments
 
     @torch.no_grad()
