@@ -8,6 +8,10 @@ alone. A signal counts as a timeout when it comes within signal_delay_s (+90 s: 
 minute early) of the time limit, else as a preemption; timeouts are bounded by `resources.max_requeues`,
 preemptions are not.
 
+SIGTERM (a preemption with a grace time, `scancel`, `segjobs cancel`): every rank checkpoints at the next step
+boundary (agreed over a host-side process group), then the job waits for SLURM to requeue or end it
+(`wait_for_slurm`).
+
 Nothing here imports torch at import time: the login node pickles TrainingJob without it.
 """
 
@@ -56,8 +60,10 @@ class RequeueSignal:
         self.signal_delay_s = spec.resources.signal_delay_s
         self.timeouts_left = spec.resources.max_requeues - timeouts_so_far
         self.reason: str | None = None
+        self.terminated = False
         self.trainer = None
         signal.signal(signal.SIGUSR2, self._handle)
+        signal.signal(signal.SIGTERM, self._terminate)  # replaces submitit's, which ignores it
 
     def _handle(self, signum, frame) -> None:
         timed_out = time.time() >= self.deadline - self.signal_delay_s - SIGNAL_SLACK_S
@@ -65,6 +71,12 @@ class RequeueSignal:
         log.warning("SIGUSR2 (%s): checkpointing at the next log step", self.reason)
         if self.trainer is not None:
             self.trainer.request_checkpoint(stop=self.requeue_allowed)
+
+    def _terminate(self, signum, frame) -> None:
+        self.terminated = True
+        log.warning("SIGTERM: checkpointing at the next step")
+        if self.trainer is not None:
+            self.trainer.request_termination()
 
     @property
     def requeue_allowed(self) -> bool:
@@ -74,6 +86,22 @@ class RequeueSignal:
         self.trainer = trainer
         if self.reason is not None:  # the signal came while the trainer was being built
             trainer.request_checkpoint(stop=self.requeue_allowed)
+        if self.terminated:
+            trainer.request_termination()
+
+
+def wait_for_slurm(step: int) -> None:
+    """After SIGTERM's checkpoint: a job that exits by itself during a preemption's grace time ends FAILED and is
+    not requeued, so wait for SLURM to finish what it started: it kills a preempted job after GraceTime and
+    requeues it (the next start resumes from this checkpoint), and kills a cancelled one after KillWait (it ends
+    CANCELLED; `segjobs resume` continues). Outside SLURM (submitit's local executor) there is nobody to wait for."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not os.environ.get("SLURM_JOB_ID"):
+        sys.exit(128 + signal.SIGTERM)
+    log.info("SIGTERM: checkpoint at step %d written; waiting for SLURM to requeue (preemption) or end (cancel) the "
+             "job", step)
+    while True:
+        time.sleep(60)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
@@ -129,6 +157,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         # The training is over: a SIGUSR2 from now on (SLURM may send it while the job finishes) must not kill
         # the exiting process, which SLURM would record as FAILED. SIG_IGN outlives the interpreter's shutdown.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        if result.get("terminated"):
+            wait_for_slurm(result["step"])
         if result["stopped"]:
             if main:
                 runs.requeued(spec.run_dir, env.job_id, requeue.reason, result["step"])

@@ -102,6 +102,9 @@ class Trainer:
         self.checkpointer = Checkpointer(layout.checkpoints_folder(self.run_dir), spec.checkpoint.keep, self.rank, self.world)
         self.progress = Progress()
         self.checkpoint_requested = self.stop_requested = self.stopped = False
+        self.terminate_requested = self.terminated = False
+        # SIGTERM is agreed on at every step over the host (gloo), never by a device sync.
+        self.host_group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
         if not self._resume():
             # Dropout and drop path differ across ranks, as in the references (seed + rank).
             set_seed(spec.seed + self.rank + self.progress.step)
@@ -109,6 +112,11 @@ class Trainer:
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "spec.yaml").write_text(spec.to_yaml())
         accelerator.wait_for_everyone()
+
+    def request_termination(self) -> None:
+        """SIGTERM (a preemption with a grace time, or a cancel): every rank checkpoints together at the next step
+        boundary and the run stops. Only sets a flag, so a signal handler may call it."""
+        self.terminate_requested = True
 
     def request_checkpoint(self, stop: bool = False) -> None:
         """Ask for a checkpoint at the next log step and, with stop=True, to end the run after it (SIGUSR2 before
@@ -191,7 +199,7 @@ class Trainer:
         finally:
             view.close()
         return {"step": self.progress.step, "total_steps": self.total_steps, "eval": last_eval,
-                "stopped": self.stopped, "main": self.accelerator.is_main_process}
+                "stopped": self.stopped, "terminated": self.terminated, "main": self.accelerator.is_main_process}
 
     def _loop(self, view: LiveView) -> dict | None:
         spec, accelerator = self.spec, self.accelerator
@@ -253,6 +261,11 @@ class Trainer:
                         break
                 else:
                     view.update(step)
+                if self._terminating():  # at every step: a grace time is short (the metrics window restarts)
+                    self.save()
+                    self.stopped = self.terminated = True
+                    log.info("SIGTERM: stopped at step %d after the checkpoint", step)
+                    break
                 pause_start = time.perf_counter()
                 if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0 and step < self.total_steps:
                     self.save()
@@ -276,6 +289,14 @@ class Trainer:
         resume = f"the last checkpoint is {latest}" if latest else "there is no checkpoint yet"
         return (f"{self.source}: the loss is {loss} at step {step}; training stopped ({resume}). Lower optim.lr, "
                 "lengthen schedule.warmup_steps or set train.clip_grad, then train again (it resumes).")
+
+    def _terminating(self) -> bool:
+        """Whether any rank got SIGTERM: one integer all-reduced over the host group at every step."""
+        if self.host_group is None:
+            return self.terminate_requested
+        flag = torch.tensor([int(self.terminate_requested)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+        return bool(flag.item())
 
     def _agree(self, *decisions: bool) -> list[bool]:
         """Rank 0's decisions, on every rank (time and signals differ across ranks; the ranks must not)."""

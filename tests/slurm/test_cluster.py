@@ -138,7 +138,13 @@ def test_a_failing_job_is_failed_not_requeued_and_cancel_cancels(shard_copy, tmp
     endless = write_spec(tmp_path, shard_copy, "segmenter", name="endless", train={"max_steps": 100000},
                          data={"train": str(shard_copy / "validation")}, resources=CPU_JOB)
     job, run_dir = submit(endless, capsys=capsys)
-    wait_for(run_dir, {"RUNNING"})
+    wait_for(run_dir, {"RUNNING"}, until=lambda row: row.step >= 5)
+    assert segjobs(["cancel", "endless"]) == 0  # scancel: SIGTERM, then SIGKILL after KillWait
+    assert wait_for(run_dir, {"CANCELLED", "COMPLETED", "FAILED"}).state == "CANCELLED"
+    cancelled_at = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert cancelled_at >= 5, "SIGTERM wrote a checkpoint (no periodic one comes before step 1000)"
+    assert segjobs(["resume", "endless"]) == 0
+    wait_for(run_dir, {"RUNNING"}, until=lambda row: row.step > cancelled_at)
     assert segjobs(["cancel", "endless"]) == 0
     assert wait_for(run_dir, {"CANCELLED", "COMPLETED", "FAILED"}).state == "CANCELLED"
 
@@ -170,3 +176,26 @@ def test_refusals_exit_1_with_slurms_message_and_record_nothing(change, slurm_sa
     err = capsys.readouterr().err
     assert slurm_says in err.lower() and hint in err, err
     assert not (tmp_path / "refused").exists() and runs.indexed_runs() == []
+
+
+def test_sigterm_preemption_checkpoints_requeues_and_ends_with_the_uninterrupted_losses(shard_root, tmp_path, capsys):
+    """A higher-priority job takes the node of a job in `lowprio` (PreemptMode=REQUEUE, GraceTime=30): SLURM
+    sends SIGTERM, every rank checkpoints at the next step, the job waits out the grace time, SLURM kills and
+    requeues it, and it resumes from that checkpoint (no periodic checkpoint in between)."""
+    sections = dict(train={"max_steps": 150, "log_every": 1}, checkpoint={"every_steps": 1000})
+    whole_job, whole = submit(write_spec(tmp_path, shard_root, "segmenter", name="whole", resources=CPU_JOB, **sections),
+                              capsys=capsys)
+    low = {**CPU_JOB, "partition": "lowprio", "sbatch": {"nodelist": "n1"}}
+    job, run_dir = submit(write_spec(tmp_path, shard_root, "segmenter", name="preempted", resources=low, **sections),
+                          capsys=capsys)
+    wait_for(run_dir, {"RUNNING"}, until=lambda row: row.step >= 20)
+    subprocess.run(["sbatch", "-p", "highprio", "-w", "n1", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 5"],
+                   check=True, capture_output=True)
+    row = wait_for(run_dir, {"COMPLETED", "FAILED"}, timeout=400)
+    assert row.state == "COMPLETED"
+    saved = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*")]
+    assert min(saved) >= 20 and len(saved) >= 2, "SIGTERM wrote a checkpoint, which the next start resumed from"
+    record = runs.read_run(run_dir)
+    assert [s["restart_count"] for s in record["starts"]] == [0, 1] and not record.get("requeues"), "SLURM requeued it"
+    assert wait_for(whole, {"COMPLETED", "FAILED"}).state == "COMPLETED"
+    assert losses(run_dir) == losses(whole) and len(losses(whole)) == 150
