@@ -32,6 +32,9 @@ from launcher.spec import JobSpec, parse_spec
 
 log = logging.getLogger("segjobs.submit")
 
+# After SIGTERM's checkpoint, how long to wait for SLURM's kill (GraceTime, KillWait are usually seconds to
+# minutes): a SIGTERM sent by hand (`scancel --signal=TERM`) would otherwise hold the job to its time limit.
+SIGTERM_WAIT_S = 1800
 # Seconds of slack when telling a timeout from a preemption: SLURM may send --signal up to 60 s early.
 SIGNAL_SLACK_S = 90
 
@@ -100,8 +103,12 @@ def wait_for_slurm(step: int) -> None:
         sys.exit(128 + signal.SIGTERM)
     log.info("SIGTERM: checkpoint at step %d written; waiting for SLURM to requeue (preemption) or end (cancel) the "
              "job", step)
-    while True:
-        time.sleep(60)
+    deadline = time.monotonic() + SIGTERM_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(5)
+    log.warning("SIGTERM: SLURM neither requeued nor ended the job in %d s (a signal sent by hand?); exiting",
+                SIGTERM_WAIT_S)
+    sys.exit(128 + signal.SIGTERM)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):

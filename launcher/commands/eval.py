@@ -4,10 +4,10 @@
     segjobs eval runs/demo_segmenter/checkpoints/step_00000300 --mode ms-flip --json
     segjobs eval /copied/step_00000300 --set data.val=data/shards/ade20k/validation
 
-Segmenter reports mIoU, mAcc and pixel accuracy (`--mode slide | whole | ms-flip`; slide by default). W-Net and DINO report
-unsupervised scores: their clusters (W-Net's K segments; k-means on DINO's teacher patch features with a
-cluster per class present in the split) are matched to classes one-to-one (Hungarian) and many-to-one (each
-cluster to the class it overlaps most); W-Net adds its reconstruction PSNR and, with wnet.postprocess set,
+Segmenter reports mIoU, mAcc and pixel accuracy (`--mode slide | whole | ms-flip`; slide by default). W-Net and
+DINO report unsupervised scores: their clusters (W-Net's K segments; k-means on DINO's teacher patch features
+with a cluster per class present in the split) are matched to classes one-to-one (Hungarian) and many-to-one
+(each cluster to the class it overlaps most); W-Net adds its reconstruction PSNR and, with wnet.postprocess set,
 the post-processed scores (post_*).
 """
 

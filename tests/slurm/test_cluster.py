@@ -141,6 +141,10 @@ def test_a_failing_job_is_failed_not_requeued_and_cancel_cancels(shard_copy, tmp
     wait_for(run_dir, {"RUNNING"}, until=lambda row: row.step >= 5)
     assert segjobs(["cancel", "endless"]) == 0  # scancel: SIGTERM, then SIGKILL after KillWait
     assert wait_for(run_dir, {"CANCELLED", "COMPLETED", "FAILED"}).state == "CANCELLED"
+    # SLURM says CANCELLED at once; the job writes its checkpoint within KillWait (10 s here).
+    deadline = time.monotonic() + 30
+    while not list((run_dir / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
     cancelled_at = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
     assert cancelled_at >= 5, "SIGTERM wrote a checkpoint (no periodic one comes before step 1000)"
     assert segjobs(["resume", "endless"]) == 0
