@@ -52,3 +52,20 @@ def same_losses(run_dir: Path, reference: Path) -> bool:
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def parity_task(task_class, raw: dict, steps_per_epoch: int, global_batch: int):
+    """A family's task as the step-parity tests drive it: built from `raw` on the CPU, no DDP or FSDP wrapper.
+    Returns (spec, horizon, accelerator, task)."""
+    import copy
+
+    from launcher.spec import parse_spec
+    from launcher.training.parallel import build_accelerator
+    from launcher.training.schedules import Horizon
+
+    spec = parse_spec(copy.deepcopy(raw), "parity")
+    horizon = Horizon.of(spec, steps_per_epoch=steps_per_epoch, global_batch=global_batch)
+    accelerator = build_accelerator("no")
+    task = task_class(spec, accelerator, horizon)
+    task.parallel_wrap(lambda module, trainable=True: module.to(accelerator.device))
+    return spec, horizon, accelerator, task

@@ -19,7 +19,7 @@ from launcher.training.families.dino import DinoTask
 from launcher.training.parallel import build_accelerator
 from launcher.training.schedules import Horizon
 from launcher.training.trainer import apply_schedules
-from tests.jobspecs import write_spec
+from tests.jobspecs import parity_task, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,12 +97,8 @@ SPEC = {"name": "parity", "model": {"name": "dino_vits16", "options": {"out_dim"
 @pytest.mark.parametrize("epoch", [0, 1], ids=["last layer frozen", "last layer trained"])
 def test_one_step_equals_the_reference_step(epoch):
     torch.manual_seed(0)
-    spec = parse_spec(copy.deepcopy(SPEC), "parity")
-    horizon = Horizon.of(spec, steps_per_epoch=5, global_batch=4)
-    accelerator = build_accelerator("no")
+    spec, horizon, accelerator, task = parity_task(DinoTask, SPEC, steps_per_epoch=5, global_batch=4)
     device = accelerator.device
-    task = DinoTask(spec, accelerator, horizon)
-    task.parallel_wrap(lambda module, trainable=True: module.to(device))
     it = epoch * horizon.steps_per_epoch + 2
 
     student, teacher = copy.deepcopy(task.model), copy.deepcopy(task.teacher)

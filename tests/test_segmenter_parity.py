@@ -18,6 +18,7 @@ from launcher.training.parallel import build_accelerator
 from launcher.training.schedules import Horizon
 from launcher.training.trainer import apply_schedules
 from tests import reference_impls as ref
+from tests.jobspecs import parity_task
 
 SPEC = {"name": "parity", "model": {"name": "segmenter_t16_mask", "options": {"img_size": 32, "num_classes": 5}},
         "data": {"train": "unused", "batch_size": 3, "crop_size": 32, "normalization": "vit"},
@@ -43,11 +44,7 @@ def reference_step(model, optimizer, images, labels, iteration, iter_max):
 
 def test_two_steps_equal_the_reference_steps():
     torch.manual_seed(0)
-    spec = parse_spec(copy.deepcopy(SPEC), "parity")
-    horizon = Horizon.of(spec, steps_per_epoch=5, global_batch=3)
-    accelerator = build_accelerator("no")
-    task = SegmenterTask(spec, accelerator, horizon)
-    task.parallel_wrap(lambda module, trainable=True: module)
+    spec, horizon, accelerator, task = parity_task(SegmenterTask, SPEC, steps_per_epoch=5, global_batch=3)
     reference = copy.deepcopy(task.model)
     initial_cls_emb = task.model.decoder.cls_emb.detach().clone()
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.001, momentum=0.9, nesterov=True, weight_decay=0.0)

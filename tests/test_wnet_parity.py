@@ -10,12 +10,10 @@ import copy
 import pytest
 import torch
 
-from launcher.spec import parse_spec
 from launcher.training.families.base import StepContext
 from launcher.training.families.wnet import WNetTask
-from launcher.training.parallel import build_accelerator
-from launcher.training.schedules import Horizon
 from launcher.training.trainer import apply_schedules
+from tests.jobspecs import parity_task
 
 # Dropout 0: with batch norm over 2 images, dropout amplifies float32 rounding between the two paths beyond any
 # useful tolerance; the steps, losses, optimizers and schedule are what is compared.
@@ -45,11 +43,7 @@ def soft_ncut(probs, image, radius, sigma_i, sigma_x):
 
 def test_two_batches_equal_the_papers_alternating_steps():
     torch.manual_seed(0)
-    spec = parse_spec(copy.deepcopy(SPEC), "parity")
-    horizon = Horizon.of(spec, steps_per_epoch=5, global_batch=2)
-    accelerator = build_accelerator("no")
-    task = WNetTask(spec, accelerator, horizon)
-    task.parallel_wrap(lambda module, trainable=True: module)
+    spec, horizon, accelerator, task = parity_task(WNetTask, SPEC, steps_per_epoch=5, global_batch=2)
     reference = copy.deepcopy(task.model)
     encoder_sgd = torch.optim.SGD(reference.encoder.parameters(), lr=0.003, momentum=0.9)
     both_sgd = torch.optim.SGD(reference.parameters(), lr=0.003, momentum=0.9)
