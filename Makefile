@@ -1,5 +1,6 @@
 # make demo: create .venv, install segjobs, run the main job on this machine.
-# make test: the same setup, then the whole test suite (what CI runs).
+# make test: the same setup, then the whole test suite (what CI runs): two pytest workers, the SLURM tests
+# (mostly waiting on the scheduler) on one of them, in order (xdist_group "slurm").
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,7 +25,7 @@ test: install
 		if tools/minicluster up; then started=1; else echo "*** no SLURM cluster: tests/slurm will skip ***"; fi; \
 	fi; \
 	eval "$$(tools/minicluster env)"; \
-	$(BIN)/python -m pytest tests; status=$$?; \
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests; status=$$?; \
 	if [ -n "$$started" ]; then tools/minicluster down; fi; \
 	exit $$status
 

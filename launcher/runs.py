@@ -7,7 +7,8 @@ transitions below (submitted, started, requeued, completed, failed, cancelled, s
     nodes, gpus_per_node, tasks, timeout_min, total_steps, global_batch,
     submissions: [{job_id, time, cluster, log_folder, overrides, pid_start (local jobs)}],
     starts: [{job_id, time, restart_count, world_size, host, pid, pid_start}],
-    requeues: [{job_id, time, reason, step}]
+    requeues: [{job_id, time, reason, step}],
+    faults: [{job_id, restart_count, time, kind, step, rank, host, detail, requeued}]
 A run.json that is not such a record (damaged, edited) reads as UnreadableRunError; the next transition
 renames it aside and starts a new one.
 
@@ -129,14 +130,15 @@ def _read_json(path: Path, check: Callable[[Any], str | None]) -> Any:
 def _run_record_problem(record: Any) -> str | None:
     if not isinstance(record, dict):
         return f"a JSON object was expected, found {type(record).__name__}"
-    for key in ("submissions", "starts", "requeues"):
+    for key in ("submissions", "starts", "requeues", "faults"):
         entries = record.get(key, [])
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             return f"{key} must be a list of objects"
     for entry in record.get("submissions", []):
         if (not isinstance(entry.get("job_id"), str) or entry.get("cluster") not in ("slurm", "local")
                 or not isinstance(entry.get("log_folder"), str) or not isinstance(entry.get("overrides"), list)
-                or not all(isinstance(o, str) for o in entry["overrides"])):
+                or not all(isinstance(o, str) for o in entry["overrides"])
+                or not isinstance(entry.get("job_name", ""), str)):
             return "a submission needs a job_id, a cluster (slurm or local), a log_folder and a list of overrides"
     for key in ("name", "state", "model", "error", "cluster"):
         if record.get(key) is not None and not isinstance(record[key], str):
@@ -221,6 +223,33 @@ def requeued(run_dir: Path, job_id: str, reason: str, step: int) -> dict:
     """The job checkpointed at `step` and goes back to the queue (reason: timeout or preemption)."""
     return _append(run_dir, "requeues", {"job_id": job_id, "time": time.time(), "reason": reason, "step": step},
                    state=REQUEUED)
+
+
+def faulted(run_dir: Path, fault: dict, max_faults: int) -> tuple[bool, bool]:
+    """A fault ended this start of the job (a rank lost, a collective timed out, a stalled step): `fault` is
+    {job_id, restart_count, time, kind, step, rank, host, detail}. Every rank of the job may report it; the
+    first report is kept. Returns (first: this call recorded it, requeue: fewer than `max_faults` faults of
+    this job came before, so the job is to be requeued). The state becomes REQUEUED, or FAILED."""
+    outcome = (False, False)
+
+    def change(record: dict) -> None:
+        nonlocal outcome
+        faults = record.setdefault("faults", [])
+        same = [f for f in faults if (f.get("job_id"), f.get("restart_count")) == (fault["job_id"], fault["restart_count"])]
+        if same:
+            outcome = (False, same[0].get("requeued") is True)
+            return
+        requeue = sum(1 for f in faults if f.get("job_id") == fault["job_id"]) < max_faults
+        outcome = (True, requeue)
+        faults.append({**fault, "requeued": requeue})
+        if requeue:
+            record.update(state=REQUEUED, error=fault["detail"])
+        else:
+            record.update(state=FAILED, ended=time.time(),
+                          error=f"{fault['detail']} (fault {len(faults)}; resources.max_faults={max_faults})")
+
+    _update(run_dir, change)
+    return outcome
 
 
 def completed(run_dir: Path) -> dict:

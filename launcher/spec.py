@@ -104,6 +104,8 @@ class TrainSpec(Section):
     compile: bool = Field(False, description="torch.compile the model (GPU; the first steps are slow while it compiles).")
     log_every: int = Field(10, ge=1, description="Optimizer steps between metrics lines (the loss is read from the device only then).")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations; the run always evaluates at its end when data.val is set.")
+    collective_timeout_min: float = Field(30, gt=0, description="How long a rank waits in a collective (all-reduce, broadcast) for the others before it gives up and the job counts a fault: long enough for a checkpoint or an evaluation on the slowest rank. A rank whose node died is otherwise waited for forever.")
+    stall_timeout_min: float | None = Field(30, gt=0, description="When no optimizer step completes for this long (checkpoints and evaluations not counted), every rank writes its Python stacks to its log and the job ends as a fault; null: never.")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSpec":
@@ -149,6 +151,7 @@ class ResourcesSpec(Section):
     exclude: str | None = Field(None, description="Nodes to avoid.")
     signal_delay_s: int = Field(120, ge=10, description="Seconds before the time limit when SLURM sends SIGUSR2: enough for train.log_every steps (the signal is acted on at a log step) plus writing a checkpoint.")
     max_requeues: int = Field(10, ge=0, description="Requeues after a time limit (preemptions are not counted).")
+    max_faults: int = Field(3, ge=0, description="Requeues after a fault (a rank lost or a collective timed out, a stalled step), per submission; separate from max_requeues. The next fault fails the run.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before the job (module load, conda activate).")
     sbatch: dict[str, str] = Field(default_factory=dict, description="Extra sbatch options, without the leading --.")
 

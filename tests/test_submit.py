@@ -172,28 +172,33 @@ def fake_run(root: Path, name: str, state: str, job_id: str, cluster: str = "slu
     return run_dir
 
 
+def sacct(*lines: str) -> queue.SlurmView:
+    """What `sacct -X -D` prints, from JobID|State|Reason|ElapsedRaw|TimelimitRaw|NNodes lines."""
+    return queue.SlurmView(queue.parse_sacct("".join(f"{line}|2026-11-27T10:00:00|job\n" for line in lines)))
+
+
 def test_status_rows_combine_sacct_run_json_and_metrics(tmp_path):
     running = fake_run(tmp_path, "a", "RUNNING", "101")
     forgotten = fake_run(tmp_path, "b", "TIMEOUT", "102")
     requeued = fake_run(tmp_path, "c", "REQUEUED", "103")
-    sacct = queue.parse_sacct("101|RUNNING|None|754|60|2\n103|PENDING|BeginTime|0|60|2\n102_junk\n")
+    polled = sacct("101|RUNNING|None|754|60|2", "103|PENDING|BeginTime|0|60|2", "102_junk")
     now = time.time()
-    row = status.build_row(running, sacct, now)
+    row = status.build_row(running, polled, now)
     assert (row.state, row.step, row.loss, row.elapsed_s, row.limit_s, row.nodes) == ("RUNNING", 50, 1 / 50, 754, 3600, 2)
     assert row.eta_s == pytest.approx(50 * 64 / 64.0) and row.checkpoint_age_s < 60
-    assert status.build_row(forgotten, sacct, now).state == "TIMEOUT", "a job gone from sacct keeps its last state"
-    assert status.build_row(running, {}, now).state == "RUNNING", "SLURM out of reach: the state recorded last"
-    waiting = status.build_row(requeued, sacct, now)
+    assert status.build_row(forgotten, polled, now).state == "TIMEOUT", "a job gone from sacct keeps its last state"
+    assert status.build_row(running, queue.SlurmView(), now).state == "RUNNING", "SLURM silent: the state recorded last"
+    waiting = status.build_row(requeued, polled, now)
     assert (waiting.state, waiting.reason) == ("REQUEUED", "BeginTime")
 
-    finished = queue.parse_sacct("101|CANCELLED by 0|None|800|60|2\n")
+    finished = sacct("101|CANCELLED by 0|None|800|60|2")
     assert status.build_row(running, finished, now).state == "CANCELLED"
     assert runs.read_run(running)["state"] == "CANCELLED", "SLURM's final state is remembered in run.json"
 
     from rich.console import Console
 
     console = Console(width=200, record=True)
-    console.print(status.table([status.build_row(d, sacct, now) for d in (running, forgotten, requeued)]))
+    console.print(status.table([status.build_row(d, polled, now) for d in (running, forgotten, requeued)]))
     text = console.export_text()
     assert "REQUEUED (BeginTime)" in text and "50/100 ep 2" in text and "12:34 / 1:00:00" in text
 
@@ -208,3 +213,43 @@ def test_status_reads_only_the_tail_of_long_metrics(tmp_path):
 def test_durations_read_like_slurm():
     assert [status.duration(s) for s in (None, 59, 3599, 3600, 90061)] == ["-", "0:59", "59:59", "1:00:00", "1-1:01:01"]
     assert [queue._seconds(t) for t in ("1-02:03:04", "02:03", "UNLIMITED")] == [93784, 123, None]
+
+
+def test_a_reused_job_id_is_not_taken_for_the_runs_job(tmp_path):
+    """After a controller reset SLURM hands out job ids again: sacct -D lists every job of an id. Only a record
+    submitted no earlier than run.json's submission, under the name the run submitted, is the run's job."""
+    run_dir = fake_run(tmp_path, "mine", "RUNNING", "16")
+    record = json.loads((run_dir / "run.json").read_text())
+    submitted = time.mktime(time.strptime("2026-11-27T10:00:05", "%Y-%m-%dT%H:%M:%S"))
+    record["submissions"][0].update(time=submitted, job_name="mine")
+    (run_dir / "run.json").write_text(json.dumps(record))
+    old = "16|COMPLETED|None|50|60|1|2026-11-20T08:00:00|mine"  # the id's job before the reset
+    later = "16|RUNNING|None|30|60|1|2026-11-28T09:00:00|someone_else"  # a job submitted after, given the id again
+    mine = "16|RUNNING|None|40|60|2|2026-11-27T10:00:04|mine"
+    now = time.time()
+    for lines, expected in [([old], "RUNNING"), ([old, later], "RUNNING"), ([old, mine, later], "RUNNING")]:
+        view = queue.SlurmView(queue.parse_sacct("\n".join(lines)))
+        row = status.build_row(run_dir, view, now)
+        assert row.state == expected and runs.read_run(run_dir)["state"] == "RUNNING", lines
+        assert (row.elapsed_s == 40) == (mine in lines), lines
+    assert queue.SlurmView(queue.parse_sacct(old)).job(record["submissions"][0]) is None
+    assert queue.SlurmView(queue.parse_sacct(later)).job(record["submissions"][0]) is None
+    assert queue.SlurmView(queue.parse_sacct(f"{old}\n{mine}\n{later}")).job(record["submissions"][0]).elapsed_s == 40
+    finished = "16|FAILED|None|50|60|1|2026-11-27T10:00:04|mine"
+    assert status.build_row(run_dir, queue.SlurmView(queue.parse_sacct(f"{old}\n{finished}")), now).state == "FAILED"
+
+
+def test_without_accounting_live_jobs_come_from_squeue_and_the_table_says_it_once(tmp_path):
+    live = fake_run(tmp_path, "live", "RUNNING", "201")
+    gone = fake_run(tmp_path, "gone", "RUNNING", "202")
+    done = fake_run(tmp_path, "done", "COMPLETED", "203")
+    view = queue.SlurmView(accounting=False)
+    view.records = {job: [state] for job, state in queue.parse_squeue("201|RUNNING|None|2026-11-27T10:00:00|live\n").items()}
+    now = time.time()
+    rows = [status.build_row(d, view, now) for d in (live, gone, done)]
+    assert [r.state for r in rows] == ["RUNNING", "STOPPED", "COMPLETED"]
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(status.table(rows, "sacct did not answer"))
+    assert console.export_text().count("sacct did not answer") == 1

@@ -46,7 +46,7 @@ def refresh() -> int:
 
     from launcher.commands import status
 
-    rows = status.collect(show_all=True, poll=False)
+    rows, _ = status.collect(show_all=True, poll=False)
     console = Console(file=io.StringIO(), width=200)
     console.print(status.table(rows))
     return len(rows)
@@ -55,7 +55,7 @@ def refresh() -> int:
 def collect_rows() -> int:
     from launcher.commands import status
 
-    return len(status.collect(show_all=True, poll=False))
+    return len(status.collect(show_all=True, poll=False)[0])
 
 
 def read_records() -> int:

@@ -1,6 +1,7 @@
 """What the scheduler and this machine say about jobs: sacct and squeue (batched), local processes.
 
-    states = poll_slurm(["4242", "4243"])        # one sacct call, then one squeue call for the unfinished
+    view = poll_slurm(["4242", "4243"])          # one sacct call, then one squeue call for the unfinished
+    view.job(run_json["submissions"][-1])        # the run's own job among the records of its id
     local_job_alive("12345")                     # a job of submitit's local executor (its controller's pid)
 
 Nothing here writes run state (launcher.runs does); nothing here imports torch.
@@ -11,7 +12,8 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from launcher import runs
 from launcher.runs import ACTIVE_STATES
@@ -27,6 +29,46 @@ class JobState:
     elapsed_s: int | None = None
     limit_s: int | None = None
     nodes: int | None = None
+    submitted: float | None = None  # SLURM's SubmitTime (a requeue sets it anew), seconds since the epoch
+    name: str | None = None
+
+
+# A job's SubmitTime comes from the controller's clock and run.json's submission time from the login node's,
+# written just after sbatch returned: they may differ by this much.
+CLOCK_SLACK_S = 300
+
+
+@dataclass
+class SlurmView:
+    """What sacct and squeue said about some job ids: every record of each id (a requeued job has one per
+    start, and a job id comes back after a controller reset: several jobs share it), and whether each command
+    answered. `job(submission)` picks the record of a run's own job."""
+
+    records: dict[str, list[JobState]] = field(default_factory=dict)
+    accounting: bool = True  # sacct answered (slurmdbd is there and up)
+    reachable: bool = True  # squeue answered (the controller is up)
+
+    def job(self, submission: dict) -> JobState | None:
+        """The latest record of a run's job (a submission from run.json): its id, submitted no earlier than the
+        run submitted it (a job with that id submitted before is another job: the id was reused) and, when the
+        submission records the job's name, of that name (a job submitted later under a reused id is another
+        run's or another user's)."""
+        since, name = submission.get("time"), submission.get("job_name")
+        for seen in reversed(self.records.get(submission["job_id"], [])):
+            if isinstance(since, (int, float)) and seen.submitted is not None and seen.submitted < since - CLOCK_SLACK_S:
+                continue
+            if name is not None and seen.name is not None and seen.name != name:
+                continue
+            return seen
+        return None
+
+
+def slurm_time(text: str) -> float | None:
+    """SLURM's local timestamps (2026-11-27T19:35:59) -> seconds since the epoch; None for Unknown, N/A, NONE."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _seconds(text: str) -> int | None:
@@ -40,56 +82,86 @@ def _seconds(text: str) -> int | None:
     return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
-def parse_sacct(text: str) -> dict[str, JobState]:
-    """`sacct -X -n -P --format=JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes` output -> states by job id.
-    A job listed several times (requeued: one line per start) keeps its last line."""
-    states = {}
+SACCT_FORMAT = "JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes,Submit,JobName"
+
+
+def parse_sacct(text: str) -> dict[str, list[JobState]]:
+    """`sacct -X -D -n -P --format=SACCT_FORMAT` output -> every record of each job id, oldest first (a requeued
+    job has one per start; a reused id has one per job). The name comes last: it may hold the delimiter."""
+    records: dict[str, list[JobState]] = {}
     for line in text.splitlines():
         fields = line.split("|")
-        if len(fields) < 6:
+        if len(fields) < 8:
             continue
-        job_id, state, reason, elapsed, limit, nodes = fields[:6]
-        states[job_id] = JobState(
+        job_id, state, reason, elapsed, limit, nodes, submitted = fields[:7]
+        records.setdefault(job_id, []).append(JobState(
             state=state.split()[0] if state else "UNKNOWN",  # "CANCELLED by 0" -> CANCELLED
             reason="" if reason in ("None", "") else reason,
             elapsed_s=int(elapsed) if elapsed.isdigit() else None,
             limit_s=int(limit) * 60 if limit.isdigit() else None,
             nodes=int(nodes) if nodes.isdigit() else None,
-        )
-    return states
+            submitted=slurm_time(submitted), name="|".join(fields[7:]),
+        ))
+    for seen in records.values():
+        seen.sort(key=lambda s: s.submitted or 0.0)
+    return records
 
 
-def poll_slurm(job_ids: list[str]) -> dict[str, JobState]:
-    """The state of every job: one sacct call for all of them, then one squeue call for those sacct does not
+def parse_squeue(text: str) -> dict[str, JobState]:
+    """`squeue -h -o %i|%T|%r|%V|%j` output -> the live job of each id (the controller holds one per id)."""
+    live = {}
+    for line in text.splitlines():
+        fields = line.split("|")
+        if len(fields) < 5:
+            continue
+        job_id, state, reason, submitted = fields[:4]
+        live[job_id] = JobState(state, "" if reason == "None" else reason, submitted=slurm_time(submitted),
+                                name="|".join(fields[4:]))
+    return live
+
+
+def poll_slurm(job_ids: list[str]) -> SlurmView:
+    """Every record of these jobs: one sacct call for all of them, then one squeue call for those sacct does not
     show as finished (slurmdbd learns of state changes late: a requeued job can read REQUEUED there while
-    the controller already holds it PENDING for BeginTime). {} when SLURM is not reachable."""
+    the controller already holds it PENDING for BeginTime). Without accounting (no slurmdbd, or sacct fails)
+    squeue alone answers, for live jobs only; the view says so."""
+    view = SlurmView()
     ids = sorted({i for i in job_ids if valid_slurm_job_id(i)})  # anything else never reaches a command line
     if not ids:
-        return {}
-    states = parse_sacct(_slurm_output(["sacct", "-X", "-n", "-P", "--format=JobID,State,Reason,ElapsedRaw,TimelimitRaw,NNodes",
-                                        "-j", ",".join(ids)]))
-    unfinished = [i for i in ids if i not in states or states[i].state in ACTIVE_STATES]
+        return view
+    sacct = _slurm_output(["sacct", "-X", "-D", "-n", "-P", f"--format={SACCT_FORMAT}", "-j", ",".join(ids)])
+    view.accounting = sacct is not None
+    view.records = parse_sacct(sacct or "")
+    unfinished = [i for i in ids if i not in view.records or view.records[i][-1].state in ACTIVE_STATES]
     if unfinished:
-        for line in _slurm_output(["squeue", "-h", "-j", ",".join(unfinished), "-o", "%i|%T|%r"]).splitlines():
-            job_id, state, reason = (line.split("|") + ["", ""])[:3]
-            live = states.setdefault(job_id, JobState(state))
-            live.state, live.reason = state, "" if reason == "None" else reason
-    return states
+        squeue = _slurm_output(["squeue", "-h", "-j", ",".join(unfinished), "-o", "%i|%T|%r|%V|%j"])
+        # squeue fails for a list of ids it all forgot: the controller answered if `squeue -j` of nothing works
+        view.reachable = squeue is not None or _slurm_output(["squeue", "-h", "-o", "%i"]) is not None
+        for job_id, live in parse_squeue(squeue or "").items():
+            records = view.records.setdefault(job_id, [])
+            if records and records[-1].submitted is not None and live.submitted is not None \
+                    and abs(records[-1].submitted - live.submitted) < 1:
+                last = records[-1]
+                last.state, last.reason = live.state, live.reason
+            else:  # accounting does not know this start yet (or at all)
+                records.append(live)
+    return view
 
 
-def _slurm_output(command: list[str]) -> str:
-    """stdout of a SLURM query, "" when it fails (no SLURM here, or every job id unknown to squeue)."""
+def _slurm_output(command: list[str]) -> str | None:
+    """stdout of a SLURM query; None when it fails (no SLURM here, slurmdbd down, every job id unknown to squeue)."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=POLL_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout if done.returncode == 0 else ""
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 def slurm_job_running(job_id: str) -> bool | None:
     """Whether SLURM runs the job now (not pending, not finished); None when SLURM cannot tell (not reachable,
     or the job unknown to it). The run lock asks this of a holder's job."""
-    seen = poll_slurm([job_id]).get(job_id)
+    records = poll_slurm([job_id]).records.get(job_id)
+    seen = records[-1] if records else None
     if seen is None:
         return None
     return seen.state in RUNNING_STATES

@@ -30,7 +30,9 @@ def slurm_parameters(spec: JobSpec) -> dict:
         "job_name": spec.name, "time": resources.timeout_min, "nodes": resources.nodes,
         "ntasks_per_node": tasks_per_node(spec), "cpus_per_task": resources.cpus_per_task,
         "signal_delay_s": resources.signal_delay_s, "setup": list(resources.setup),
-        "additional_parameters": dict(resources.sbatch),
+        # --requeue: SLURM requeues the job when a node fails (and lets segjobs requeue it) on clusters whose
+        # JobRequeue default is 0.
+        "additional_parameters": {"requeue": True, **resources.sbatch},
     }
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node

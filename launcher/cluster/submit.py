@@ -120,7 +120,7 @@ def check_not_running(run_dir: Path) -> None:
     job = runs.latest_job(record)
     if job is not None and record.get("state") in runs.ACTIVE_STATES:
         alive = (queue.local_job_alive(job) if job["cluster"] == "local"
-                 else queue.poll_slurm([job["job_id"]]).get(job["job_id"], queue.JobState("UNKNOWN")).state in runs.ACTIVE_STATES)
+                 else getattr(queue.poll_slurm([job["job_id"]]).job(job), "state", None) in runs.ACTIVE_STATES)
         if alive:
             raise SubmitError(f"{run_dir}: run {record.get('name')} is already {record['state'].lower()} as job {job['job_id']}; "
                               f"`segjobs cancel {record.get('name')}` first, or give the spec another name.")
@@ -200,14 +200,16 @@ def submit_all(submissions: list[Submission], folder: Path, cluster: str, source
         raise SubmitError(f"SLURM refused {source}: {message}\n{refusal_hint(message)}") from None
     for item, job in zip(submissions, jobs):
         item.job_id = str(job.job_id)
-        record_submission(item, cluster, folder)
+        record_submission(item, cluster, folder, job_name=submissions[0].spec.name)
     return submissions
 
 
-def record_submission(item: Submission, cluster: str, folder: Path) -> None:
+def record_submission(item: Submission, cluster: str, folder: Path, job_name: str) -> None:
+    """`job_name` is the name sbatch was given (an array's, the first run's): with the time it tells this job
+    from a later one that gets the same id (see queue.SlurmView.job)."""
     spec = item.spec
     submission = {"job_id": item.job_id, "time": time.time(), "cluster": cluster, "log_folder": str(folder),
-                  "overrides": item.overrides}
+                  "overrides": item.overrides, "job_name": job_name}
     if cluster == "local":  # the job id is the controller's pid: with its start time, it names that process only
         submission["pid_start"] = runs.process_start_time(int(item.job_id))
     runs.submitted(spec.run_dir, submission,
@@ -265,6 +267,11 @@ def cancel(name: str) -> int:
         if not queue.valid_slurm_job_id(job["job_id"]):
             raise runs.RunError(f"{run_dir / 'run.json'}: job id {str(job['job_id'])[:40]!r} is not a SLURM job id "
                                 "(digits, or digits_digits for an array task); nothing was cancelled.")
+        view = queue.poll_slurm([job["job_id"]])
+        seen = view.job(job)
+        if view.reachable and (seen is None or seen.state not in runs.ACTIVE_STATES):
+            raise SubmitError(f"{run_dir}: SLURM shows no live job {job['job_id']} submitted for run {record.get('name', name)} "
+                              "(it has ended, or the id now belongs to a job submitted later); nothing was cancelled.")
         done = subprocess.run(["scancel", job["job_id"]], capture_output=True, text=True)
         if done.returncode != 0:
             raise SubmitError(f"scancel {job['job_id']} failed: {done.stderr.strip()}")

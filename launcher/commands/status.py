@@ -47,6 +47,7 @@ class Row:
     samples_per_s: float | None = None
     eta_s: float | None = None
     requeues: int = 0
+    faults: int = 0
     checkpoint_age_s: float | None = None
     error: str | None = None
 
@@ -81,7 +82,7 @@ def newest_checkpoint_time(run_dir: Path) -> float | None:
     return latest.stat().st_mtime if latest is not None else None
 
 
-def build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> Row:
+def build_row(run_dir: Path, slurm: queue.SlurmView, now: float) -> Row:
     """One run's row; a run whose files are damaged or edited is shown as UNREADABLE with the reason."""
     try:
         return _build_row(run_dir, slurm, now)
@@ -92,24 +93,28 @@ def build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> Ro
                    error=f"{run_dir / 'run.json'}: a field is not what segjobs writes ({type(exc).__name__}: {str(exc)[:100]})")
 
 
-def _build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> Row:
+def _build_row(run_dir: Path, slurm: queue.SlurmView, now: float) -> Row:
     record = runs.read_run(run_dir)
     row = Row(name=record.get("name", run_dir.name), run_dir=str(run_dir), model=record.get("model", ""),
               state=record.get("state", "UNKNOWN"), nodes=record.get("nodes", 1), gpus_per_node=record.get("gpus_per_node", 0),
               total_steps=record.get("total_steps"), requeues=len(record.get("requeues", [])), error=record.get("error"),
+              faults=len(record.get("faults", [])),
               cluster=record.get("cluster", ""))
     job = runs.latest_job(record)
     start = record["starts"][-1] if record.get("starts") else None
     if job is not None:
         row.job_id, row.cluster = job["job_id"], job["cluster"]
-    if job is not None and job["cluster"] == "slurm" and job["job_id"] in slurm:
-        seen = slurm[job["job_id"]]
+    seen = slurm.job(job) if job is not None and job["cluster"] == "slurm" else None
+    if seen is not None:
         row.elapsed_s, row.limit_s, row.nodes = seen.elapsed_s, seen.limit_s, seen.nodes or row.nodes
         waiting_after_requeue = seen.state == "PENDING" and row.state == "REQUEUED"
         row.state = "REQUEUED" if waiting_after_requeue else seen.state
         row.reason = seen.reason if seen.state == "PENDING" else ""
         if seen.state in runs.FINAL_STATES and record.get("state") != seen.state:
             runs.settled(run_dir, seen.state)  # the last known state, once sacct forgets the job
+    elif job is not None and job["cluster"] == "slurm":
+        if row.active and not slurm.accounting and slurm.reachable:
+            row.state = runs.STOPPED  # squeue no longer shows it, and no accounting says how it ended
     elif job is None or job["cluster"] != "slurm":  # local or foreground: its process tells whether it still runs
         if job is not None and record.get("timeout_min"):
             row.limit_s = 60 * record["timeout_min"]
@@ -135,20 +140,29 @@ def _build_row(run_dir: Path, slurm: dict[str, queue.JobState], now: float) -> R
 def refresh_row(run_dir: Path) -> Row:
     """One run's row, asking SLURM about its latest job when it has one there."""
     job = runs.latest_job(runs.read_run(run_dir))
-    slurm = queue.poll_slurm([job["job_id"]]) if job is not None and job["cluster"] == "slurm" else {}
+    slurm = queue.poll_slurm([job["job_id"]] if job is not None and job["cluster"] == "slurm" else [])
     return build_row(run_dir, slurm, time.time())
 
 
-def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool = False, poll: bool = True) -> list[Row]:
+def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool = False,
+            poll: bool = True) -> tuple[list[Row], str | None]:
+    """The rows, and a notice to show once when SLURM could not tell everything (no accounting)."""
     run_dirs = runs.find_runs(list(names), list(extra_dirs))
     jobs = [_latest_job(d) for d in run_dirs]
     slurm_jobs = [job["job_id"] for job in jobs if job is not None and job["cluster"] == "slurm"]
-    slurm = queue.poll_slurm(slurm_jobs) if poll else {}
+    slurm = queue.poll_slurm(slurm_jobs if poll else [])
     now = time.time()
     rows = [build_row(d, slurm, now) for d in run_dirs]
     if not names and not show_all:
         rows = [r for r in rows if r.active or now - _modified(Path(r.run_dir)) < RECENT_S]
-    return rows
+    notice = None
+    if not slurm.reachable:
+        notice = "squeue did not answer (the SLURM controller is down or unreachable): states are run.json's."
+    elif not slurm.accounting:
+        notice = ("sacct did not answer (no slurmdbd, or it is down): live jobs' states come from squeue, finished "
+                  "jobs' from run.json, and elapsed times and limits are not shown; STOPPED: gone from squeue "
+                  "without a final state in run.json.")
+    return rows, notice
 
 
 def _latest_job(run_dir: Path) -> dict | None:
@@ -193,50 +207,54 @@ def progress_text(row: Row, width: int = 16):
     return text
 
 
-def table(rows: list[Row]):
+def table(rows: list[Row], notice: str | None = None):
     from rich.table import Table
     from rich.text import Text
 
-    grid = Table(title=f"segjobs runs ({len(rows)})", title_justify="left", header_style="bold", pad_edge=False)
+    grid = Table(title=f"segjobs runs ({len(rows)})", title_justify="left", header_style="bold", pad_edge=False,
+                 caption=notice, caption_justify="left")
     for column, justify in [("run", "left"), ("model", "left"), ("job", "right"), ("state", "left"), ("nodes×gpus", "right"),
                             ("elapsed / limit", "right"), ("progress", "left"), ("loss", "right"), ("img/s", "right"),
                             ("ETA", "right"), ("requeues", "right"), ("ckpt age", "right")]:
-        grid.add_column(column, justify=justify, no_wrap=column != "state")
+        grid.add_column(column, justify=justify, no_wrap=column != "state", overflow="fold")  # fold: whole log paths
     for row in rows:
         state = Text(row.state, style=STATE_STYLE.get(row.state, ""))
         if row.reason:
             state.append(f" ({row.reason})", style="dim")
-        if row.error and row.state in ("FAILED", "TIMEOUT", "UNREADABLE"):
-            state.append(f"\n{row.error[:80]}", style="dim red")
+        if row.error and row.state in ("FAILED", "TIMEOUT", "UNREADABLE", "REQUEUED"):  # REQUEUED: after a fault
+            state.append(f"\n{row.error[:240]}", style="dim red")
         progress = progress_text(row)
         grid.add_row(row.name, row.model, row.job_id or "-", state, f"{row.nodes}×{row.gpus_per_node}",
                      f"{duration(row.elapsed_s)} / {duration(row.limit_s)}", progress,
                      f"{row.loss:.4f}" if row.loss is not None else "-",
                      f"{row.samples_per_s:.1f}" if row.samples_per_s is not None else "-",
-                     duration(row.eta_s), str(row.requeues), duration(row.checkpoint_age_s))
+                     duration(row.eta_s), f"{row.requeues}" + (f" +{row.faults} faults" if row.faults else ""),
+                     duration(row.checkpoint_age_s))
     return grid
 
 
 def show(names: list[str], extra_dirs: list[Path], show_all: bool, watch: bool, as_json: bool, interval: float = 5.0) -> int:
     if as_json:
-        rows = collect(names, extra_dirs, show_all)
+        rows, notice = collect(names, extra_dirs, show_all)
         print(json.dumps([{**asdict(r), "active": r.active} for r in rows], indent=1))
+        if notice:
+            print(f"segjobs: {notice}", file=sys.stderr)
         return 0
     from rich.console import Console
 
     # Not a terminal (a pipe, a log file): wide enough for every column instead of rich's default 80.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if not watch:
-        console.print(table(collect(names, extra_dirs, show_all)))
+        console.print(table(*collect(names, extra_dirs, show_all)))
         return 0
     from rich.live import Live
 
-    rows = collect(names, extra_dirs, show_all)
-    with Live(table(rows), console=console, refresh_per_second=1) as live:
+    rows, notice = collect(names, extra_dirs, show_all)
+    with Live(table(rows, notice), console=console, refresh_per_second=1) as live:
         while any(r.active for r in rows):
             time.sleep(interval)
-            rows = collect(names, extra_dirs, show_all)
-            live.update(table(rows))
+            rows, notice = collect(names, extra_dirs, show_all)
+            live.update(table(rows, notice))
     return 0
 
 

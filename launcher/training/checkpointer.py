@@ -197,3 +197,14 @@ def _fsync_tree(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def drop_state_not_saved(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """torch's set_optimizer_state_dict first gives every parameter a state (a step with learning rate 0). A
+    parameter that had none in the checkpoint (DINO's last layer in its frozen first epoch) must have none
+    again: else its first real step counts as its second (Adam's bias correction) and the losses drift from
+    those of an uninterrupted run. `saved` names parameters by their fully qualified names, in group order."""
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for param, name in zip(group["params"], saved_group["params"]):
+            if name not in saved["state"]:
+                optimizer.state.pop(param, None)

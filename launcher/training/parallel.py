@@ -15,16 +15,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 from torch import nn
 
 
-def build_accelerator(precision: str, grad_accum: int = 1, find_unused_parameters: bool = False):
-    """The Accelerator of this process: GPU when there is one, else CPU (gloo under torchrun)."""
+def build_accelerator(precision: str, grad_accum: int = 1, find_unused_parameters: bool = False,
+                      collective_timeout: timedelta = timedelta(minutes=30)):
+    """The Accelerator of this process: GPU when there is one, else CPU (gloo under torchrun).
+    `collective_timeout` bounds every collective of the default process group (set when it is created: the
+    first Accelerator of a process decides)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # Accelerate keeps process-wide state: reset it so that a second run in one process (tests, a notebook,
     # eval after training) gets its own precision and accumulation settings. The distributed setup
@@ -32,7 +36,8 @@ def build_accelerator(precision: str, grad_accum: int = 1, find_unused_parameter
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, gradient_accumulation_steps=grad_accum,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+                                        InitProcessGroupKwargs(timeout=collective_timeout)])
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -26,12 +27,13 @@ from launcher.runlock import RunLock
 from launcher.checkpoint import CheckpointError
 from launcher.errors import WorkFailed
 from launcher.spec import MAX_STEPS, JobSpec, SpecError, check_environment, resume_conflict, resume_fingerprint
-from launcher.training.checkpointer import Checkpointer, set_rng_state
+from launcher.training.checkpointer import Checkpointer, drop_state_not_saved, set_rng_state
 from launcher.training.families import task_for_model
 from launcher.training.families.base import StepContext
 from launcher.training.metrics_log import LiveView, MetricsLog, to_json
 from launcher.training.parallel import build_accelerator, make_wrap, raw_optimizer
 from launcher.training.schedules import Horizon, peak_learning_rate
+from launcher.training.watchdog import StallWatchdog
 
 log = logging.getLogger("segjobs.train")
 
@@ -60,8 +62,9 @@ class Trainer:
         cuda = torch.cuda.is_available()
         if spec.train.precision == "fp16" and not cuda:
             raise SpecError(f"{source}: train.precision: fp16 needs a GPU; use bf16 or no on CPU.")
+        collective_timeout = timedelta(minutes=spec.train.collective_timeout_min)
         self.accelerator = accelerator = build_accelerator(spec.train.precision, spec.train.grad_accum,
-                                                            task_class.ddp_find_unused_parameters)
+                                                            task_class.ddp_find_unused_parameters, collective_timeout)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         if not accelerator.is_main_process:
             logging.getLogger("segjobs").setLevel(logging.WARNING)  # progress is logged by rank 0
@@ -103,8 +106,12 @@ class Trainer:
         self.progress = Progress()
         self.checkpoint_requested = self.stop_requested = self.stopped = False
         self.terminate_requested = self.terminated = False
+        self.on_stall: Callable[[int], None] = self._stalled  # a SLURM job replaces it: a stall is a fault there
+        minutes = spec.train.stall_timeout_min
+        self.watchdog = StallWatchdog(60 * minutes if minutes else math.inf, lambda step: self.on_stall(step))
         # SIGTERM is agreed on at every step over the host (gloo), never by a device sync.
-        self.host_group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        self.host_group = (torch.distributed.new_group(backend="gloo", timeout=collective_timeout)
+                           if self.world > 1 else None)
         if not self._resume():
             # Dropout and drop path differ across ranks, as in the references (seed + rank).
             set_seed(spec.seed + self.rank + self.progress.step)
@@ -129,18 +136,19 @@ class Trainer:
         """Collective: every rank calls it (FSDP gathers the full weights for rank 0)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model = self.task.model
-        shared = {
-            "model": get_model_state_dict(model, options=options),
-            "optimizers": [get_optimizer_state_dict(model, raw_optimizer(o), options=options) for o in self.task.optimizers],
-            "task": self.task.extra_state(),
-            "loader": self.train_loader.state_dict(),
-            "progress": vars(self.progress).copy(),
-        }
-        # The spec travels with the checkpoint: `segjobs eval` and `visualize` rebuild the model from it alone.
-        meta = {"resume": resume_fingerprint(self.spec), "time": time.time(), "spec": self.spec.model_dump(mode="json")}
-        path = self.checkpointer.save(self.progress.step, shared if self.rank == 0 else None, meta)
+        with self.watchdog.paused():  # gathering the state is collective too
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model = self.task.model
+            shared = {
+                "model": get_model_state_dict(model, options=options),
+                "optimizers": [get_optimizer_state_dict(model, raw_optimizer(o), options=options) for o in self.task.optimizers],
+                "task": self.task.extra_state(),
+                "loader": self.train_loader.state_dict(),
+                "progress": vars(self.progress).copy(),
+            }
+            # The spec travels with the checkpoint: `segjobs eval` and `visualize` rebuild the model from it alone.
+            meta = {"resume": resume_fingerprint(self.spec), "time": time.time(), "spec": self.spec.model_dump(mode="json")}
+            path = self.checkpointer.save(self.progress.step, shared if self.rank == 0 else None, meta)
         log.info("checkpoint %s", path)
         return path
 
@@ -194,9 +202,12 @@ class Trainer:
         if self.progress.step >= self.total_steps:
             log.info("already trained %d steps", self.progress.step)
         view = LiveView(self.run_dir, self.total_steps, self.progress.step, self.accelerator.is_main_process)
+        if self.spec.train.stall_timeout_min:
+            self.watchdog.start()
         try:
             last_eval = self._loop(view)
         finally:
+            self.watchdog.close()
             view.close()
         return {"step": self.progress.step, "total_steps": self.total_steps, "eval": last_eval,
                 "stopped": self.stopped, "terminated": self.terminated, "main": self.accelerator.is_main_process}
@@ -232,6 +243,7 @@ class Trainer:
                     continue
                 self.progress.step += 1
                 step, step_samples = self.progress.step, self.progress.samples
+                self.watchdog.beat(step)
                 if step % spec.train.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_start - paused
                     record = {"step": step, "epoch": epoch, "lr": lr,
@@ -298,6 +310,13 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
         return bool(flag.item())
 
+    def _stalled(self, step: int) -> None:
+        """No step for train.stall_timeout_min (the watchdog's thread, the stacks are written): end the process."""
+        if self.accelerator.is_main_process:
+            runs.failed(self.run_dir, f"stalled at step {step}: no optimizer step for {self.spec.train.stall_timeout_min:g} "
+                                      "minutes (train.stall_timeout_min); the Python stacks are in the log")
+        os._exit(1)
+
     def _agree(self, *decisions: bool) -> list[bool]:
         """Rank 0's decisions, on every rank (time and signals differ across ranks; the ranks must not)."""
         flags = torch.tensor([1.0 if d else 0.0 for d in decisions], device=self.accelerator.device)
@@ -306,7 +325,8 @@ class Trainer:
         return [bool(f) for f in flags.tolist()]
 
     def evaluate(self) -> dict:
-        result = self.task.evaluate(self.eval_loader, self.accelerator)
+        with self.watchdog.paused():
+            result = self.task.evaluate(self.eval_loader, self.accelerator)
         step = self.progress.step
         if self.accelerator.is_main_process:
             (self.run_dir / "eval").mkdir(exist_ok=True)
@@ -341,33 +361,23 @@ def verify_shards(split_dirs: list[Path]) -> None:
     log.info("data.verify: every shard matches its manifest")
 
 
-def drop_state_not_saved(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """torch's set_optimizer_state_dict first gives every parameter a state (a step with learning rate 0). A
-    parameter that had none in the checkpoint (DINO's last layer in its frozen first epoch) must have none
-    again: else its first real step counts as its second (Adam's bias correction) and the losses drift from
-    those of an uninterrupted run. `saved` names parameters by their fully qualified names, in group order."""
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        for param, name in zip(group["params"], saved_group["params"]):
-            if name not in saved["state"]:
-                optimizer.state.pop(param, None)
-
-
 def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str = "foreground", restart_count: int = 0,
              on_trainer: Callable[[Trainer], None] | None = None,
-             job_running: Callable[[str], bool | None] | None = None) -> dict:
+             job_running: Callable[[str], bool | None] | None = None, record_failure: bool = True) -> dict:
     """Build the trainer and run it, holding the run lock and keeping run.json up to date (rank 0).
     `on_trainer` sees the trainer before the loop starts (the SLURM job attaches its signal handler);
-    `job_running` asks SLURM whether a lock holder's job still runs (see launcher.runlock.stale_reason)."""
+    `job_running` asks SLURM whether a lock holder's job still runs (see launcher.runlock.stale_reason);
+    `record_failure=False` leaves an error's state to the caller (a job tells a fault, requeued, from a failure)."""
     check_environment(spec, source)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # known before the Accelerator: rank 0 takes the run
     if main_rank:  # the other ranks would see rank 0's lock files appear
         runs.check_run_dir(spec.run_dir, source)
     with RunLock(spec.run_dir, job_id, job_running) if main_rank else contextlib.nullcontext():
-        return _run_locked(spec, source, job_id, cluster, restart_count, on_trainer)
+        return _run_locked(spec, source, job_id, cluster, restart_count, on_trainer, record_failure)
 
 
 def _run_locked(spec: JobSpec, source: str, job_id: str | None, cluster: str, restart_count: int,
-                on_trainer: Callable[[Trainer], None] | None) -> dict:
+                on_trainer: Callable[[Trainer], None] | None, record_failure: bool) -> dict:
     trainer = Trainer(spec, source)
     main = trainer.accelerator.is_main_process
     if main:
@@ -379,7 +389,7 @@ def _run_locked(spec: JobSpec, source: str, job_id: str | None, cluster: str, re
     try:
         result = trainer.run()
     except (Exception, KeyboardInterrupt) as exc:
-        if main:
+        if main and record_failure:
             error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, KeyboardInterrupt):
                 runs.cancelled(trainer.run_dir, error)

@@ -15,6 +15,7 @@
 #SBATCH --output='/runs/it'"'"'s a "run"; echo injected/logs/%j_0_log.out'
 #SBATCH --partition='gpu'"'"'; echo injected'
 #SBATCH --qos=high
+#SBATCH --requeue
 #SBATCH --signal=USR2@120
 #SBATCH --time=120
 #SBATCH --wckey=submitit

@@ -19,38 +19,9 @@ from launcher.cluster.sbatch import sbatch_script
 from launcher.commands import status
 from launcher.spec import load_spec
 from tests.jobspecs import losses, write_spec
+from tests.slurmjobs import CPU_JOB, REPO, submit, wait_for
 
-pytestmark = pytest.mark.usefixtures("cluster")
-REPO = Path(__file__).resolve().parents[2]
-CPU_JOB = {"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 20}
-
-
-def submit(spec: Path, *args: str, capsys) -> tuple[str, Path]:
-    capsys.readouterr()
-    assert segjobs(["submit", str(spec), "--cluster", "slurm", *args]) == 0, capsys.readouterr().err
-    name, job, cluster, run_dir = capsys.readouterr().out.strip().splitlines()[-1].split("\t")
-    assert cluster == "slurm"
-    return job.removeprefix("job "), Path(run_dir)
-
-
-def wait_for(run_dir: Path, states: set[str], timeout: float = 300, until=None) -> status.Row:
-    """Poll as `segjobs status` does; a job waiting after a requeue (BeginTime, ~120 s) is released 2 s after the
-    requeue. Not sooner: slurmd refuses a restart whose credential bears the same second as the requeue ("Job
-    already killed, do not launch batch job") and the job ends FAILED."""
-    deadline = time.monotonic() + timeout
-    released = set()
-    while time.monotonic() < deadline:
-        record = runs.read_run(run_dir)
-        job = runs.latest_job(record)["job_id"]
-        row = status.build_row(run_dir, queue.poll_slurm([job]), time.time())
-        requeued_at = record["requeues"][-1]["time"] if record.get("requeues") else 0.0
-        if row.reason == "BeginTime" and (job, row.requeues) not in released and time.time() - requeued_at > 2:
-            released.add((job, row.requeues))
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-        if row.state in states and (until is None or until(row)):
-            return row
-        time.sleep(0.5)
-    raise AssertionError(f"{run_dir}: {row.state} after {timeout}s; run.json {json.dumps(runs.read_run(run_dir))[:2000]}")
+pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.xdist_group("slurm")]
 
 
 def test_submit_runs_to_completion_and_status_shows_it(shard_root, tmp_path, capsys):
