@@ -169,7 +169,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         suffix = next((s for s in IMAGE_SUFFIXES if s in raw), None)
         if suffix is None:
             raise CorruptShardError(f"{where} has no image member.")
-        image = decode(raw[suffix], where, "image").convert("RGB")
+        image = decode(raw[suffix], where, "image")
+        if image.mode != "RGB":  # convert() would copy an RGB image
+            image = image.convert("RGB")
         label = None
         if self.manifest.labelled and "seg.png" in raw:
             # Raw indices: Pillow keeps palette PNGs as indices ("P"), unlike converting to greyscale.

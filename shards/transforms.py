@@ -41,12 +41,17 @@ def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, 
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def resize_pair(image: Image.Image, label: np.ndarray | None, size: tuple[int, int]):
-    """Bilinear for the image, nearest for the label (labels are indices: never interpolate them)."""
-    image = image.resize(size, Image.BILINEAR)
-    if label is not None:
-        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
-    return image, label
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest resizing to `size` (width, height): labels are indices, never interpolated."""
+    return np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+
+
+def resized(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """`image` resized to `size` (width, height), bilinear with antialiasing, by torch's uint8 kernel: Pillow's
+    BILINEAR up to rounding (under a hundredth of a grey level on average), 5 times faster on one core.
+    H x W x 3 uint8."""
+    source = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+    return F.interpolate(source, size=size[::-1], mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,17 @@ def apply_distortion(image: np.ndarray, draws: Distortion) -> np.ndarray:
     return image
 
 
+def resized_region(image: Image.Image, size: tuple[int, int], region: tuple[int, int, int, int]) -> Image.Image:
+    """`region` (left, top, width, height) of `image` resized to `size`, bilinear, computed alone: Pillow places
+    each output pixel's filter from the box at the whole resize's scale, reading pixels past the box as the whole
+    resize would, so the result is the whole resize's crop up to rounding (a few percent of the pixels move by a
+    level: positions come from the box in floats), without resizing the rest (4x the crop's area at ratio 2)."""
+    left, top, width, height = region
+    scale_x, scale_y = image.width / size[0], image.height / size[1]
+    box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+    return image.resize((width, height), Image.BILINEAR, box=box)
+
+
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """mmseg PhotoMetricDistortion drawn from `rng` and applied (draw_distortion, apply_distortion)."""
     return apply_distortion(image, draw_distortion(rng))
@@ -127,11 +143,12 @@ class SegmenterTrain:
     def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         ratio = rng.uniform(*self.ratio_range)
         target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
-        image, label = resize_pair(image, label, rescale_size(*image.size, target))
+        width, height = rescale_size(*image.size, target)
+        label = resize_label(label, (width, height))
         top, left = self._crop_origin(label, rng)
         size = self.crop_size
-        pixels = np.asarray(image)[top : top + size, left : left + size]
         label = label[top : top + size, left : left + size]
+        pixels = np.asarray(resized_region(image, (width, height), (left, top, label.shape[1], label.shape[0])))
         if rng.random() < self.flip_prob:
             pixels, label = pixels[:, ::-1], label[:, ::-1]
         out = {}
@@ -245,22 +262,28 @@ def hue_shift(view: Image.Image, shift: int) -> Image.Image:
 
 def colour(view: Image.Image, draws: ViewDraws) -> Image.Image:
     """ColorJitter, RandomGrayscale, GaussianBlur and Solarization of a view as torchvision computes them on
-    PIL images (ImageEnhance, Pillow's HSV, greyscale and blur, ImageOps.solarize's table): the same grey levels."""
+    PIL images (ImageEnhance, Pillow's HSV, greyscale and blur, ImageOps.solarize's table): the same grey levels.
+    Pillow blurs an RGB image as four 8-bit channels at once, 3.5 times the work of one: a greyscale view is
+    blurred as one channel, a colour view channel by channel."""
     if draws.jitter is not None:
         for op in draws.order:
             factor = draws.jitter[op]
             if op == 0:
                 view = ImageEnhance.Brightness(view).enhance(factor)
-            elif op == 1:
-                view = ImageEnhance.Contrast(view).enhance(factor)
+            elif op == 1:  # as ImageEnhance.Contrast: a blend with the rounded mean of the greyscale view
+                histogram = view.convert("L").histogram()
+                mean = int(sum(level * count for level, count in enumerate(histogram)) / sum(histogram) + 0.5)
+                view = Image.blend(Image.new("RGB", view.size, (mean,) * 3), view, factor)
             elif op == 2:
                 view = ImageEnhance.Color(view).enhance(factor)
             else:
                 view = hue_shift(view, factor)
+    blur = ImageFilter.GaussianBlur(radius=draws.blur_sigma) if draws.blur_sigma else None
     if draws.grey:
-        view = view.convert("L").convert("RGB")
-    if draws.blur_sigma:
-        view = view.filter(ImageFilter.GaussianBlur(radius=draws.blur_sigma))
+        grey = view.convert("L")
+        view = (grey.filter(blur) if blur else grey).convert("RGB")
+    elif blur:
+        view = Image.merge("RGB", [channel.filter(blur) for channel in view.split()])
     if draws.solarize:
         view = view.point(SOLARIZE_TABLE)
     return view
@@ -317,22 +340,24 @@ class DinoMultiCrop:
 
 @dataclass
 class WNetCrop:
-    """Resize the short side to `size`, then crop `size` x `size` (random + flips when training, centred
-    otherwise). The label, when present, follows with nearest resizing (used for unsupervised mIoU)."""
+    """Resize the short side to `size` (bilinear, `resized`), then crop `size` x `size` (random + flips when
+    training, centred otherwise). The label, when present, follows with nearest resizing (used for unsupervised
+    mIoU)."""
 
     size: int = 224
     train: bool = True
 
     def __call__(self, image: Image.Image, label: np.ndarray | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        width, height = image.size
-        factor = self.size / min(width, height)
-        image, label = resize_pair(image, label, (max(self.size, round(width * factor)), max(self.size, round(height * factor))))
-        width, height = image.size
+        factor = self.size / min(image.size)
+        width, height = (max(self.size, round(side * factor)) for side in image.size)
+        pixels = resized(image, (width, height))
+        if label is not None:
+            label = resize_label(label, (width, height))
         if self.train:
             left, top = int(rng.integers(0, width - self.size + 1)), int(rng.integers(0, height - self.size + 1))
         else:
             left, top = (width - self.size) // 2, (height - self.size) // 2
-        pixels = np.asarray(image)[top : top + self.size, left : left + self.size]
+        pixels = pixels[top : top + self.size, left : left + self.size]
         if label is not None:
             label = label[top : top + self.size, left : left + self.size]
         if self.train and rng.random() < 0.5:
