@@ -132,7 +132,10 @@ def dino_photometric(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor
     """DINO's colour jitter (in each sample's order), greyscale, blur and solarize on B x 3 x H x W float images
     in 0..255; returns the same, whole grey levels. `params`: B x len(DINO_COLUMNS), rows of dino_row."""
     params = params.to(images.device, torch.float32)
-    get = lambda name: column(params, DINO_COLUMNS, name)  # noqa: E731
+
+    def get(name: str) -> torch.Tensor:
+        return column(params, DINO_COLUMNS, name)
+
     jitter = get("jitter") > 0
     factors = torch.cat([get("brightness"), get("contrast"), get("saturation")], 1)  # B x 3 x 1 x 1
     for position in range(4):
@@ -155,7 +158,9 @@ def mmseg_photometric(images: torch.Tensor, params: torch.Tensor) -> torch.Tenso
     """mmseg's PhotoMetricDistortion on B x 3 x H x W float images in 0..255 (Segmenter's padded crops: the
     padding is zeroed after normalising anyway); `params`: B x len(MMSEG_COLUMNS), rows of mmseg_row."""
     params = params.to(images.device, torch.float32)
-    get = lambda name: column(params, MMSEG_COLUMNS, name)  # noqa: E731
+
+    def get(name: str) -> torch.Tensor:
+        return column(params, MMSEG_COLUMNS, name)
 
     def affine(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
         return torch.floor((x * alpha + beta).clamp(0, 255))  # numpy's clip, then astype(uint8)

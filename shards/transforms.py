@@ -3,7 +3,10 @@
 Every random choice comes from the numpy Generator passed in, which the loader seeds per sample from
 (seed, epoch, sample index): augmentation does not depend on which worker or rank decodes a sample, and a
 resumed run draws exactly what an uninterrupted one would. Outputs are uint8 CHW arrays (labels uint8 HW,
-255 = ignore); normalisation to float happens on the device, which moves 4x fewer bytes to the GPU.
+255 = ignore); normalisation to float happens on the device, which moves 4x fewer bytes to the GPU. With
+`photometric_on_device` (data.photometric: device), DinoMultiCrop and SegmenterTrain make the same draws but
+leave their photometric steps undone and return the draws as float32 rows under "photometric", which
+shards.photometric applies to the batch on the device.
 
 - SegmenterTrain: mmsegmentation's ADE20K pipeline (Strudel et al. 2021 train with it).
 - WholeImage: the image and label as they are, for evaluations that resize on the device (Segmenter, W-Net).
