@@ -58,6 +58,7 @@ class DataSpec(Section):
     global_scale: tuple[float, float] = Field((0.4, 1.0), description="DINO: area range of global crops (paper: 0.4..1.0).")
     local_scale: tuple[float, float] = Field((0.05, 0.4), description="DINO: area range of local crops (paper: 0.05..0.4).")
     image_size: int = Field(224, ge=16, description="W-Net: training crop size (paper: 224).")
+    photometric: Literal["auto", "loader", "device"] = Field("auto", description="DINO and Segmenter: where the photometric augmentation runs (DINO: colour jitter, greyscale, blur, solarize; Segmenter: PhotoMetricDistortion). loader: Pillow in the loader workers. device: the loader draws the same parameters and the accelerator applies them to the batch (shards.photometric), so the CPU only decodes, crops, flips and resizes. auto: device when training on a GPU, loader otherwise. Resolved when training starts and recorded; both compute the same augmentation within a tenth of a grey level, but a resume that would switch is refused.")
     normalization: Literal["vit", "imagenet"] | None = Field(None, description="Segmenter: input statistics of the backbone's weights: vit (mean = std = 0.5, the ViT weights the paper starts from) or imagenet (DeiT, DINO). None: from model.pretrained's kind (imagenet without one). Recorded in checkpoints; evaluation and pictures use the same.")
 
 
@@ -180,13 +181,16 @@ class JobSpec(Section):
 
 # Changing these makes a checkpoint meaningless: resuming with a different value is refused.
 RESUME_KEYS = ("model.name", "model.options", "optim.kind", "optim.lr_scaling", "schedule.kind", "data.normalization",
-               "wnet.reconstruction", "seed")
+               "data.photometric", "wnet.reconstruction", "seed")
 # What checkpoints written before a key was recorded trained with, for the models it applies to (by name prefix);
 # other keys missing from an older checkpoint are not compared.
-EARLIER_DEFAULTS = {"data.normalization": ("segmenter", "imagenet"), "wnet.reconstruction": ("wnet", "mean")}
+EARLIER_DEFAULTS = {"data.normalization": ("segmenter", "imagenet"), "wnet.reconstruction": ("wnet", "mean"),
+                    "data.photometric": (("dino", "segmenter"), "loader")}
 
 
-RESOLVED_AT_START = ("data.normalization",)  # None in a spec: the trainer resolves it and records the value
+# None or "auto" in a spec: resolved when training starts (the family's pipelines), then recorded; a resume is
+# checked again there, against the resolved value.
+RESOLVED_AT_START = ("data.normalization", "data.photometric")
 
 
 def resume_fingerprint(spec: JobSpec) -> dict:
@@ -212,7 +216,7 @@ def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
     now = resume_fingerprint(spec)
     before = {k: saved.get(k, earlier_default(k, saved, now[k])) for k in RESUME_KEYS}  # older checkpoints record fewer
     # data.normalization left unset is resolved when training starts, as it was the first time.
-    changed = [k for k in RESUME_KEYS if before[k] != now[k] and not (k in RESOLVED_AT_START and now[k] is None)]
+    changed = [k for k in RESUME_KEYS if before[k] != now[k] and not (k in RESOLVED_AT_START and now[k] in (None, "auto"))]
     if not changed:
         return None
     differences = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)

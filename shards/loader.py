@@ -169,7 +169,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         suffix = next((s for s in IMAGE_SUFFIXES if s in raw), None)
         if suffix is None:
             raise CorruptShardError(f"{where} has no image member.")
-        image = decode(raw[suffix], where, "image").convert("RGB")
+        image = decode(raw[suffix], where, "image")
+        if image.mode != "RGB":  # convert() would copy an RGB image
+            image = image.convert("RGB")
         label = None
         if self.manifest.labelled and "seg.png" in raw:
             # Raw indices: Pillow keeps palette PNGs as indices ("P"), unlike converting to greyscale.
@@ -304,7 +306,8 @@ def build_loader(split_dir: str | Path, pipeline: Pipeline, *, batch_size: int, 
     """The stream of batches of one split for one rank; `train=False` reads every sample once, in order.
 
     Batches are dicts: the pipeline's arrays stacked into uint8 tensors ("image" B x 3 x H x W, "label"
-    B x H x W with 255 = ignore, or "crops": a list of tensors), plus "key": the samples' keys.
+    B x H x W with 255 = ignore, or "crops": a list of tensors; "photometric": float32 draws, per view a tensor
+    for DINO, when the pipeline leaves its photometric steps to the device), plus "key": the samples' keys.
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
         raise ValueError(f"bad loader arguments: batch_size={batch_size}, rank={rank}/{world_size}, workers={num_workers}")

@@ -106,3 +106,45 @@ def segm_inference(model, image, window, stride, label_size):
             count[:, ha:ha + window, wa:wa + window] += 1
     logit = F.interpolate((logit / count)[None], label_size, mode="bilinear")[0]
     return F.softmax(logit, 0)
+
+
+def dino_view_pillow(image, rng, size, scale, blur_p, solarize_p):
+    """One DataAugmentationDINO view as main_dino.py computes it with torchvision on PIL images: Pillow's
+    BICUBIC resize of the RandomResizedCrop box, mirror, ColorJitter through ImageEnhance and Pillow's HSV,
+    greyscale, GaussianBlur, solarize; drawing from `rng` in shards.transforms.draw_view's order. H x W x 3."""
+    import numpy as np
+    from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+    from shards.transforms import random_resized_crop_box
+
+    left, top, w, h = random_resized_crop_box(*image.size, scale, rng)
+    view = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        view = ImageOps.mirror(view)
+    if rng.random() < 0.8:
+        factors = [rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)]
+        for op in rng.permutation(4):
+            if op == 0:
+                view = ImageEnhance.Brightness(view).enhance(factors[0])
+            elif op == 1:
+                view = ImageEnhance.Contrast(view).enhance(factors[1])
+            elif op == 2:
+                view = ImageEnhance.Color(view).enhance(factors[2])
+            else:
+                hsv = np.asarray(view.convert("HSV")).copy()
+                hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(factors[3] * 255)) % 256
+                view = Image.fromarray(hsv, mode="HSV").convert("RGB")
+    if rng.random() < 0.2:
+        view = view.convert("L").convert("RGB")
+    if rng.random() < blur_p:
+        view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if rng.random() < solarize_p:
+        view = ImageOps.solarize(view, threshold=128)
+    return np.asarray(view)
+
+
+def dino_multicrop_pillow(image, rng, global_size=224, local_size=96, local_crops=8):
+    """DataAugmentationDINO's views of one image (dino_view_pillow), in the reference's order."""
+    views = [dino_view_pillow(image, rng, global_size, (0.4, 1.0), 1.0, 0.0),
+             dino_view_pillow(image, rng, global_size, (0.4, 1.0), 0.1, 0.2)]
+    return views + [dino_view_pillow(image, rng, local_size, (0.05, 0.4), 0.5, 0.0) for _ in range(local_crops)]

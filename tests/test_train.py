@@ -78,6 +78,29 @@ def test_killed_run_resumes_with_identical_losses(family, workers, shard_root, t
     assert evals and 0.0 <= evals[-1]["eval"]["miou"] <= 1.0
 
 
+@pytest.mark.parametrize("family", ["segmenter", "dino"])
+def test_photometric_on_the_device_resumes_exactly_and_refuses_a_switch(family, shard_root, tmp_path, capsys):
+    """data.photometric: device draws in the loader and colours on the device (the CPU here): a killed run resumes
+    with identical losses, and resuming it with the photometric steps back in the loader is refused."""
+    device = {"photometric": "device"}
+    whole = write_spec(tmp_path, shard_root, family, name="whole", data=device)
+    assert segjobs(["train", str(whole)]) == 0
+    assert yaml.safe_load((tmp_path / "whole" / "spec.yaml").read_text())["data"]["photometric"] == "device"
+    loader = write_spec(tmp_path, shard_root, family, name="loader", data={"photometric": "auto"}, train={"max_steps": 2})
+    assert segjobs(["train", str(loader)]) == 0  # auto on the CPU: the loader's Pillow path
+    first, first_on_device = losses(tmp_path / "loader")[1], losses(tmp_path / "whole")[1]
+    assert first != first_on_device and first == pytest.approx(first_on_device, rel=1e-3)  # the same augmentation
+
+    killed = write_spec(tmp_path, shard_root, family, name="killed", data=device)
+    kill_after_checkpoint([sys.executable, "-m", "launcher.cli", "train", str(killed)],
+                          tmp_path / "killed" / "checkpoints" / "step_00000003")
+    capsys.readouterr()
+    assert segjobs(["train", str(killed), "--set", "data.photometric=loader"]) == 2
+    assert "data.photometric: 'device' -> 'loader'" in capsys.readouterr().err
+    assert segjobs(["train", str(killed)]) == 0
+    assert same_losses(tmp_path / "killed", tmp_path / "whole")
+
+
 def test_demo_specs_validate_and_take_steps(shard_root, tmp_path):
     for spec_file in sorted((REPO / "jobs").glob("demo_*.yaml")):
         name = spec_file.stem
@@ -322,6 +345,10 @@ def test_a_resume_refuses_what_an_older_checkpoint_trained_differently():
     assert "'imagenet' -> 'vit'" in resume_conflict(older("segmenter_t16_mask"),
                                                    spec("segmenter_t16_mask", data={"train": "x", "normalization": "vit"}))
     assert resume_conflict(older("dino_vits16"), spec("dino_vits16")) is None  # neither key applies to DINO
+    # They coloured in the loader: "auto" is checked once resolved, an explicit "device" is refused up front.
+    assert resume_conflict(older("dino_vits16"), spec("dino_vits16", data={"train": "x", "photometric": "device"}))
+    assert resume_conflict(older("wnet_tiny"), spec("wnet_tiny", wnet={"reconstruction": "mean"},
+                                                    data={"train": "x", "photometric": "device"})) is None
 
 
 def test_image_only_validation_shards_are_refused_before_training(synth_copy, shard_root, tmp_path, capsys):

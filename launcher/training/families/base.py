@@ -137,6 +137,15 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     return (images.float() - mean_t) / std_t
 
 
+def photometric_on_device(spec) -> bool:
+    """Whether the training pipeline leaves its photometric steps to the device (data.photometric). "auto"
+    becomes "device" when a GPU trains (the accelerator then runs on it), "loader" otherwise; the resolved
+    value is written back into the spec, so that spec.yaml and every checkpoint record what ran."""
+    if spec.data.photometric == "auto":
+        spec.data.photometric = "device" if torch.cuda.is_available() else "loader"
+    return spec.data.photometric == "device"
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 

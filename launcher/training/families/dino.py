@@ -14,7 +14,8 @@ from PIL import Image
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import models
-from launcher.training.families.base import StepContext, Task, make_optimizer, normalize, to_device, transformer_blocks
+from launcher.training.families.base import (StepContext, Task, make_optimizer, normalize, photometric_on_device, to_device,
+                                             transformer_blocks)
 from launcher.training.families.registry import register_family
 from launcher.training.metrics import SegmentationMetric, kmeans
 from launcher.training.parallel import unwrap
@@ -22,6 +23,7 @@ from launcher.training.pictures import IGNORE_INDEX, grid, heatmap, overlay, to_
 from launcher.training.schedules import cosine
 from models.dino import (DINOLoss, attention_masks, cancel_last_layer_gradients, clip_gradients, ema_update,
                          teacher_temperature)
+from shards.photometric import dino_photometric
 from shards.transforms import DinoMultiCrop, WNetCrop
 
 MAX_KMEANS_FEATURES = 100_000  # patch features k-means is fitted on, all ranks together: 150 MB at ViT-S's 384 dims
@@ -67,7 +69,7 @@ class DinoTask(Task):
         data = spec.data
         return DinoMultiCrop(global_size=data.global_crop_size, local_size=data.local_crop_size,
                              global_scale=tuple(data.global_scale), local_scale=tuple(data.local_scale),
-                             local_crops=data.local_crops)
+                             local_crops=data.local_crops, photometric_on_device=photometric_on_device(spec))
 
     @staticmethod
     def eval_pipeline(spec):
@@ -83,7 +85,10 @@ class DinoTask(Task):
 
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
         accelerator = context.accelerator
-        crops = [normalize(to_device(c, accelerator.device)) for c in batch["crops"]]
+        crops = [to_device(c, accelerator.device) for c in batch["crops"]]
+        if "photometric" in batch:  # data.photometric: device
+            crops = colour_views(crops, [to_device(p, accelerator.device) for p in batch["photometric"]])
+        crops = [normalize(c) for c in crops]
         with torch.no_grad(), accelerator.autocast():
             teacher_out = self.teacher(crops[:2])  # only the global views pass through the teacher
         if hasattr(self.teacher, "reshard"):
@@ -186,6 +191,18 @@ class DinoTask(Task):
         shown, maps, masks = attention_views(network, image, device)
         mask = np.where(masks.max(0) > 0, 0, IGNORE_INDEX)
         return grid([[shown, heatmap(maps.mean(0)), overlay(shown, mask, alpha=0.6)]])
+
+
+def colour_views(crops: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """DINO's photometric steps on the device, each view with its sample's draws; the views of one size (the
+    globals, the locals) go through as one batch. uint8 crops in, float crops in 0..255 out."""
+    out: list[torch.Tensor | None] = [None] * len(crops)
+    for size in dict.fromkeys(c.shape for c in crops):
+        views = [i for i, c in enumerate(crops) if c.shape == size]
+        coloured = dino_photometric(torch.cat([crops[i] for i in views]).float(), torch.cat([params[i] for i in views]))
+        for i, part in zip(views, coloured.split(size[0])):
+            out[i] = part
+    return out
 
 
 def full_pass(loader):

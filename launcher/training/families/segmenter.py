@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from launcher.spec import SpecError
-from launcher.training.families.base import NORMALIZATION, StepContext, Task, normalize, to_device, transformer_blocks
+from launcher.training.families.base import (NORMALIZATION, StepContext, Task, normalize, photometric_on_device, to_device,
+                                             transformer_blocks)
 from launcher.training.families.registry import register_family
 from launcher.training.metrics import IGNORE_INDEX, SegmentationMetric
 from launcher.training.pictures import grid, overlay, to_batch
 from models.pretrained import normalization_of
 from models.segmenter import sliding_window_logits
+from shards.photometric import mmseg_photometric
 from shards.transforms import SegmenterTrain, WholeImage, rescale_size
 
 MS_FLIP_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # segm/data/base.py set_multiscale_mode
@@ -68,7 +70,8 @@ class SegmenterTask(Task):
     @staticmethod
     def train_pipeline(spec):
         data = spec.data
-        return SegmenterTrain(crop_size=data.crop_size, scale=tuple(data.scale), ratio_range=tuple(data.ratio_range))
+        return SegmenterTrain(crop_size=data.crop_size, scale=tuple(data.scale), ratio_range=tuple(data.ratio_range),
+                              photometric_on_device=photometric_on_device(spec))
 
     @staticmethod
     def eval_pipeline(spec):
@@ -76,8 +79,10 @@ class SegmenterTask(Task):
 
     def train_step(self, batch: dict, context: StepContext) -> dict[str, torch.Tensor]:
         accelerator = context.accelerator
-        images = self.normalize(to_device(batch["image"], accelerator.device))
-        images = zero_padding(images, to_device(batch["valid"], accelerator.device))
+        images = to_device(batch["image"], accelerator.device)
+        if "photometric" in batch:  # data.photometric: device; mmseg distorts before it normalises and pads
+            images = mmseg_photometric(images.float(), to_device(batch["photometric"], accelerator.device))
+        images = zero_padding(self.normalize(images), to_device(batch["valid"], accelerator.device))
         labels = to_device(batch["label"], accelerator.device).long()
         with accelerator.accumulate(self.model), accelerator.autocast():
             logits = self.model(images)
