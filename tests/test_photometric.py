@@ -1,7 +1,8 @@
-"""The device's photometric augmentations (shards.photometric, torch on the CPU here) against the Pillow path the
-loader runs, for the same draws."""
+"""The device's photometric augmentations (shards.photometric, torch on the CPU, and on CUDA where there is one)
+against the Pillow path the loader runs, for the same draws."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageFilter
 
@@ -27,23 +28,27 @@ def views(count: int, size: int, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def as_batch(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def as_batch(images: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device)
 
 
 def differences(device: torch.Tensor, pillow: list[np.ndarray]) -> np.ndarray:
-    got = device.permute(0, 2, 3, 1).numpy()
+    got = device.permute(0, 2, 3, 1).cpu().numpy()
     return np.array([np.abs(g - p.astype(np.float32)).mean() for g, p in zip(got, pillow)])
 
 
-def test_dino_photometric_on_the_device_matches_pillow():
+@pytest.mark.parametrize("on", DEVICES)
+def test_dino_photometric_on_the_device_matches_pillow(on):
     images = views(96, 40, seed=0)
     rng = np.random.default_rng(0)
     # Globals' and locals' probabilities, the second global's solarize: every step is drawn many times.
     draws = [draw_view(40, 40, (0.4, 1.0), blur_p, solarize_p, rng)
              for blur_p, solarize_p in [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0), (0.5, 0.5)] * 24]
     params = torch.from_numpy(np.stack([d.row() for d in draws]))
-    device = dino_photometric(as_batch(images), params)
+    device = dino_photometric(as_batch(images, on), params.to(on))
     pillow = [np.asarray(colour(Image.fromarray(image), d)) for image, d in zip(images, draws)]
     mad = differences(device, pillow)
     assert mad.max() <= TOLERANCE, (mad.max(), draws[int(mad.argmax())])
@@ -62,11 +67,12 @@ def test_blur_follows_pillows_three_boxes():
     assert torch.equal(unblurred, as_batch(images))
 
 
-def test_mmseg_photometric_on_the_device_matches_pillow():
+@pytest.mark.parametrize("on", DEVICES)
+def test_mmseg_photometric_on_the_device_matches_pillow(on):
     images = views(64, 40, seed=2)
     rng = np.random.default_rng(2)
     draws = [draw_distortion(rng) for _ in images]
-    device = mmseg_photometric(as_batch(images), torch.from_numpy(np.stack([d.row() for d in draws])))
+    device = mmseg_photometric(as_batch(images, on), torch.from_numpy(np.stack([d.row() for d in draws])).to(on))
     pillow = [apply_distortion(image, d) for image, d in zip(images, draws)]
     mad = differences(device, pillow)
     assert mad.max() <= TOLERANCE and mad.mean() <= 0.1, mad.max()
