@@ -230,3 +230,49 @@ def test_wnet_eval_scores_whole_images_with_and_without_post_processing(shard_ro
     assert {"miou", "macc", "pixel_acc", "many_to_one_miou", "psnr", "post_miou", "post_many_to_one_miou"} <= set(report)
     assert report["postprocess"] == "crf+merge" and 0 < report["psnr"] < 60
     assert report["many_to_one_pixel_acc"] >= report["pixel_acc"]  # many-to-one never scores below one-to-one
+
+
+class PlantedAttention(torch.nn.Module):
+    """A network whose last-block CLS attention is given: 2 heads over a 4 x 4 patch grid (patch 8)."""
+
+    def __init__(self, maps: torch.Tensor):
+        super().__init__()
+        self.maps = torch.nn.Parameter(maps, requires_grad=False)
+        self.config = type("Config", (), {"backbone": type("Backbone", (), {"patch_size": 8, "num_heads": 2})})
+
+    def attention_maps(self, images):
+        return self.maps.expand(len(images), -1, -1)
+
+
+def reference_mask(attention: np.ndarray, mass: float = 0.6) -> np.ndarray:
+    """DINO's visualize_attention.py threshold, restated: sort ascending, keep where the normalised cumulative
+    sum exceeds 1 - mass."""
+    order = np.argsort(attention)
+    cumulative = np.cumsum(attention[order]) / attention.sum()
+    mask = np.zeros(attention.shape, bool)
+    mask[order] = cumulative > 1 - mass
+    return mask
+
+
+def test_attention_jaccard_scores_60_percent_masks_against_all_but_the_commonest_label():
+    from accelerate import Accelerator
+
+    label = torch.zeros(32, 32, dtype=torch.uint8)  # background 0 (the commonest), a 16 x 16 object of class 3
+    label[8:24, 8:24] = 3
+    on_object = np.zeros((4, 4))
+    on_object[1:3, 1:3] = True  # patches 5, 6, 9, 10
+    # head 0: 64% of the mass on the object, spread thin elsewhere: its 60% mask is the object exactly;
+    # head 1: rising with the patch index (no ties), its mask the 7 last patches
+    head0 = np.where(on_object.flatten() > 0, 0.16, 0.03)
+    head1 = np.arange(1, 17) / 136
+    maps = torch.tensor(np.stack([head0, head1]), dtype=torch.float32)[None]
+    scores = dino.AttentionJaccard(PlantedAttention(maps))
+    scores.add({"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "label": [label, label]}, Accelerator(cpu=True))
+    result = scores.compute("", distributed=False)
+
+    def jaccard(mask: np.ndarray) -> float:  # patch level: the object is aligned with the patches
+        return (mask & (on_object.flatten() > 0)).sum() / (mask | (on_object.flatten() > 0)).sum()
+
+    assert jaccard(reference_mask(head0)) == 1.0 and jaccard(reference_mask(head1)) == pytest.approx(2 / 9)
+    assert result["jaccard_best_head"] == pytest.approx(1.0)
+    assert result["jaccard_mean_heads"] == pytest.approx(jaccard(reference_mask((head0 + head1) / 2)))

@@ -78,7 +78,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     matching = " (Hungarian)" if report["unsupervised"] else ""
     labels = {"miou": f"mIoU{matching}", "macc": f"mAcc{matching}", "pixel_acc": f"pixel accuracy{matching}",
               "many_to_one_miou": "mIoU (many-to-one)", "many_to_one_macc": "mAcc (many-to-one)",
-              "many_to_one_pixel_acc": "pixel accuracy (many-to-one)", "psnr": "reconstruction PSNR"}
+              "many_to_one_pixel_acc": "pixel accuracy (many-to-one)", "psnr": "reconstruction PSNR",
+              "jaccard_mean_heads": "attention Jaccard, mean of heads", "jaccard_best_head": "attention Jaccard, best head",
+              "untrained_jaccard_mean_heads": "attention Jaccard, mean of heads, untrained",
+              "untrained_jaccard_best_head": "attention Jaccard, best head, untrained"}
     rows = [(key, label) for key, label in labels.items() if key in report]
     post = report.get("postprocess", "post-processed")
     return rows + [(f"post_{key}", f"{label}, {post}") for key, label in labels.items() if f"post_{key}" in report]

@@ -144,7 +144,10 @@ class DinoTask(Task):
             reservoir = Reservoir(-(-MAX_KMEANS_FEATURES // world), teacher.config.backbone.embed_dim,
                                   seed=KMEANS_SEED + loader.stream.rank)
             present = torch.zeros(num_classes, dtype=torch.int64)  # per class, the images showing it
+            jaccard = {"": AttentionJaccard(teacher), "untrained_": AttentionJaccard(self.untrained(accelerator.device))}
             for batch in full_pass(loader):
+                for scores in jaccard.values():
+                    scores.add(batch, accelerator)
                 features, _ = patch_features(teacher, batch, accelerator)
                 reservoir.add(features.flatten(0, 1).cpu())
                 for label in batch["label"]:
@@ -166,11 +169,20 @@ class DinoTask(Task):
                     metric.update(F.interpolate(cluster_map[None], size=label.shape[-2:], mode="nearest")[0, 0], label)
             if world > 1:
                 metric.all_reduce()
-            return metric.compute()
+            return {**metric.compute(), **{k: v for prefix, scores in jaccard.items()
+                                           for k, v in scores.compute(prefix, world > 1).items()}}
         finally:
             if hasattr(teacher, "reshard"):
                 teacher.reshard()
             teacher.train()
+
+    def untrained(self, device) -> torch.nn.Module:
+        """The network as it was before training (the run's seed, this architecture): what the attention scores
+        are compared with. Built aside: the training's random state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.seed)
+            network = models.create(self.spec.model.name, **{**self.spec.model.options, "drop_path_rate": 0.0})
+        return network.to(device).eval()
 
     def picture_network(self):
         return unwrap(self.teacher)
@@ -220,6 +232,47 @@ def patch_features(teacher, batch: dict, accelerator) -> tuple[torch.Tensor, tup
         tokens = teacher.backbone.tokens(images)[:, 1:]  # without the CLS token
     patch = teacher.config.backbone.patch_size
     return F.normalize(tokens.float(), dim=-1), (images.shape[-2] // patch, images.shape[-1] // patch)
+
+
+class AttentionJaccard:
+    """How well the CLS attention of the last block segments objects, as DINO scores it (Caron et al. 2021, Sec.
+    4.2.1 and Fig. 4, on PASCAL VOC12): per image, the Jaccard index of the 60%-mass attention mask with the
+    foreground, averaged over images; for the mask of the mean over heads, and for the best single head. With
+    ADE20K's scene labels there is no object mask: the foreground is every pixel whose label is not the image's
+    most frequent one (for the synthetic scenes of `segjobs synth`, exactly the shapes on their background)."""
+
+    def __init__(self, network):
+        self.network = network
+        # per head, then the mean of heads: the per-image Jaccard indices summed; then the number of images
+        self.totals = torch.zeros(network.config.backbone.num_heads + 2, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, batch: dict, accelerator) -> None:
+        images = normalize(to_device(batch["image"], accelerator.device))
+        with accelerator.autocast():
+            maps = self.network.attention_maps(images).float()  # B x heads x patches
+        patch = self.network.config.backbone.patch_size
+        grid_shape = (images.shape[-2] // patch, images.shape[-1] // patch)
+        masks = torch.cat([attention_masks(maps), attention_masks(maps.mean(1, keepdim=True))], dim=1).float()
+        for image_masks, label in zip(masks, batch["label"]):
+            label = label.to(accelerator.device).long()
+            foreground = label != torch.bincount(label.flatten()).argmax()
+            shown = F.interpolate(image_masks.reshape(1, -1, *grid_shape), size=label.shape[-2:], mode="nearest")[0] > 0
+            union = (shown | foreground).flatten(1).sum(1).clamp(min=1)
+            jaccard = (shown & foreground).flatten(1).sum(1) / union
+            self.totals += torch.cat([jaccard.double().cpu(), torch.ones(1, dtype=torch.float64)])
+
+    def compute(self, prefix: str, distributed: bool) -> dict[str, float]:
+        """Collective when `distributed`: every rank calls it."""
+        totals = self.totals
+        if distributed:
+            totals = totals.to(next(self.network.parameters()).device)
+            dist.all_reduce(totals)
+        totals = totals.cpu()
+        if not totals[-1]:
+            return {}
+        means = totals[:-1] / totals[-1]
+        return {f"{prefix}jaccard_mean_heads": float(means[-1]), f"{prefix}jaccard_best_head": float(means[:-1].max())}
 
 
 class Reservoir:
