@@ -13,7 +13,8 @@ finds the model, the samples, the frames and the folder. A video (--video) is de
 decodes it (shards.video: frames kept by presentation time at --fps, shorter side scaled down to 512), each
 kept frame drawn by the family (DINO: image | mean attention of the heads | 60%-mass mask; W-Net: image |
 segments | reconstruction; Segmenter: image | prediction), and written as <stem>_<family>.mp4 (shards.mp4: H.264
-when the FFmpeg inside PyAV has it, else MPEG-4 part 2) and .gif, both at the rate of the kept frames.
+when the FFmpeg inside PyAV has it, else MPEG-4 part 2) and .gif, both at the rate of the kept frames. With
+--video, a run without data.val (one trained on video frames alone) gets the video only, no validation grid.
 """
 
 from __future__ import annotations
@@ -173,9 +174,10 @@ def visualize(targets: list[str], curves: bool = False, frames: Path | None = No
                 return task.video_frame(image, device)
 
             folder.mkdir(parents=True, exist_ok=True)
-            for name, picture in task.pictures(validation_samples(spec, samples), device).items():
-                picture.save(folder / name)
-                written.append(folder / name)
+            if video is None or spec.data.val is not None:  # a run trained on frames alone has no validation split
+                for name, picture in task.pictures(validation_samples(spec, samples), device).items():
+                    picture.save(folder / name)
+                    written.append(folder / name)
         if frames is not None:
             if task_class.frames_name is None:
                 raise SpecError(f"--frames: the {task_class.family} family draws no frame animation ({target}); "
