@@ -80,6 +80,8 @@ class VideoFrames:
                 raise UnusableVideo("it holds no video stream")
             self.stream = self.container.streams.video[0]
             self.stream.thread_type = "AUTO"  # frame threads: the decoded pictures are the same, sooner
+            if self.stream.codec_context is None:
+                raise UnusableVideo("FFmpeg has no decoder for its video codec")
             width, height = self.stream.codec_context.width, self.stream.codec_context.height
             if width * height > MAX_FRAME_PIXELS:
                 raise UnusableVideo(f"its frames are {width} x {height} pixels, over the {MAX_FRAME_PIXELS:,} a frame may have")

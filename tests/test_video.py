@@ -117,8 +117,21 @@ def hostile_videos(clip: Path, folder: Path) -> dict[str, str]:
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
         container.start_encoding()
     (folder / "walk_v2 _take_1_.mp4").write_bytes(clip.read_bytes())  # the same keys as the clip's
+    damaged = bytearray(clip.read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 3000] = bytes(3000)
+    (folder / "damaged.mp4").write_bytes(bytes(damaged))
+    faststart = folder / "faststart.mp4"  # the index first: a cut file still opens, its last frames are missing
+    with av.open(str(clip)) as source, av.open(str(faststart), "w", format="mp4", options={"movflags": "faststart"}) as copy:
+        stream = copy.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = stream
+                copy.mux(packet)
+    faststart.write_bytes(faststart.read_bytes()[: faststart.stat().st_size * 2 // 3])
     return {"notes.mp4": "FFmpeg cannot open it as a video (Invalid data found",
             "truncated.mp4": "FFmpeg cannot open it as a video",
+            "damaged.mp4": "does not decode",
+            "faststart.mp4": f"of the {FRAMES} frames its container announces decode",
             "empty.avi": "no frame decodes",
             "walk_v2 _take_1_.mp4": f"would be those of {clip.name}"}
 
@@ -147,6 +160,8 @@ def test_hostile_videos_are_rejected_with_a_reason_and_nothing_written_for_them(
     assert f"frames are {WIDTH} x {HEIGHT} pixels, over the" in capsys.readouterr().err
     assert segjobs(["shard", "video", str(tmp_path / "missing.mp4"), str(tmp_path / "x")]) == 2
     assert "no such video file" in capsys.readouterr().err
+    assert segjobs(["shard", "video", str(clip), str(clip)]) == 2  # the output forgotten: the clip is no folder
+    assert "is a file, not an output folder" in capsys.readouterr().err
 
 
 def test_the_frame_bound_is_the_loaders():
@@ -175,18 +190,18 @@ def video_runs(clip_shards, shard_root, tmp_path_factory) -> dict[str, Path]:
 ])
 def test_visualize_writes_an_mp4_and_a_gif_of_every_kept_frame(family, size, grid, video_runs, clip, tmp_path, capsys):
     out = tmp_path / "pictures"
-    assert segjobs(["visualize", str(video_runs[family]), "--samples", "1", "--video", str(clip), "--fps", "2",
+    assert segjobs(["visualize", str(video_runs[family]), "--samples", "1", "--video", str(clip), "--fps", "1",
                     "--out", str(out)]) == 0
     mp4, gif = out / f"walk_v2__take_1__{family}.mp4", out / f"walk_v2__take_1__{family}.gif"
     assert capsys.readouterr().out.split() == [*(str(out / name) for name in grid), str(mp4), str(gif)]
     frames = decoded(mp4)
-    assert len(frames) == 8 and frames[0].shape == (size[1], size[0], 3)  # 4 s at 2 fps
+    assert len(frames) == 4 and frames[0].shape == (size[1], size[0], 3)  # 4 s at 1 fps
     with av.open(str(mp4)) as container:
         stream = container.streams.video[0]
-        assert stream.average_rate == 2 and stream.codec_context.name in ("h264", "mpeg4")
+        assert stream.average_rate == 1 and stream.codec_context.name in ("h264", "mpeg4")
     with Image.open(gif) as image:
-        assert image.format == "GIF" and image.n_frames == 8 and image.size == size
-        assert image.info["duration"] == pytest.approx(1000 / 2, abs=10)
+        assert image.format == "GIF" and image.n_frames == 4 and image.size == size
+        assert image.info["duration"] == pytest.approx(1000, abs=10)
     shown = frames[len(frames) // 2][4 : 4 + HEIGHT, 4 : 4 + WIDTH].astype(int)
     if family != "dino":  # the first tile is the frame itself (DINO's is scaled to 224)
         with av.open(str(clip)) as container:

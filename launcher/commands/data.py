@@ -85,6 +85,9 @@ def shard_video(files: list[Path], out: Path, split: str, dataset: str, fps: flo
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise BadSourceError(f"no such video file: {', '.join(missing[:8])}; nothing was written.")
+    if out.exists() and not out.is_dir():
+        raise BadSourceError(f"{out} is a file, not an output folder: the last argument of shard video is the folder "
+                             "to write the shards into.")
     split_dir = out / split
     created = [d for d in (out, split_dir) if not d.exists()]
     staging = split_dir / ".video-frames"  # a fixed name: the writer's fingerprints include the frame files' paths

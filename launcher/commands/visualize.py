@@ -19,6 +19,7 @@ when the FFmpeg inside PyAV has it, else MPEG-4 part 2) and .gif, both at the ra
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,8 @@ def check_video(video: Path, fps: float | None) -> None:
     if not video.is_file():
         raise BadSourceError(f"--video {video}: no such file.")
     try:
-        VideoFrames(video, fps).container.close()
+        with VideoFrames(video, fps):
+            pass
     except UnusableVideo as exc:
         raise BadSourceError(f"--video {video}: {exc}; nothing was written.") from None
 
@@ -162,17 +164,12 @@ def visualize(targets: list[str], curves: bool = False, frames: Path | None = No
             folder = out or Path("pictures")
             if video is not None and task_class.frames_name is None:
                 raise SpecError(f"--video: a {task_class.family} weights file draws no video; DINO backbones do.")
-
-            def draw(image, task_class=task_class, network=network, device=device):
-                return task_class.frame_picture(network, image, device)
+            draw = partial(task_class.frame_picture, network, device=device)
         else:
             spec, task, accelerator, checkpoint = restore(target, overrides)
             device, folder = accelerator.device, out or output_folder(checkpoint) / "pictures"
             task_class, network = type(task), task.picture_network()
-
-            def draw(image, task=task, device=device):
-                return task.video_frame(image, device)
-
+            draw = partial(task.video_frame, device=device)
             folder.mkdir(parents=True, exist_ok=True)
             if video is None or spec.data.val is not None:  # a run trained on frames alone has no validation split
                 for name, picture in task.pictures(validation_samples(spec, samples), device).items():
