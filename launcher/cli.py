@@ -3,11 +3,14 @@
     segjobs synth ade20k data/synth --train 200 --val 50 --size 256x320 --seed 0
     segjobs shard ade20k data/synth data/shards/ade20k --workers 2
     segjobs shard images ~/frames data/shards/frames --split training
+    segjobs synth video data/clip.mp4 --frames 48 --size 128x160 --fps 12
+    segjobs shard video data/clip.mp4 ~/walk.mov data/shards/video --fps 4 --short-side 512
     segjobs shard verify data/shards/ade20k/training
     segjobs models --json
     segjobs train jobs/demo_segmenter.yaml --set train.max_steps=100
     segjobs plan jobs/dino_vits16.yaml --world-size 16 --plot plan.png
     segjobs submit jobs/dino_vits8.yaml --set resources.partition=gpu
+    segjobs visualize demo_dino --video data/clip.mp4 --fps 6
     segjobs status --watch
     segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
 
@@ -46,15 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    synth = commands.add_parser("synth", help="write a synthetic dataset in a real dataset's layout")
-    synth.add_argument("dataset", choices=["ade20k"])
-    synth.add_argument("out", type=Path, help="folder to create (the ADEChallengeData2016 layout)")
-    synth.add_argument("--train", type=int, default=200, help="training images (default 200)")
-    synth.add_argument("--val", type=int, default=50, help="validation images (default 50)")
-    synth.add_argument("--size", type=parse_size, default=(256, 320), help="image size HxW (default 256x320)")
-    synth.add_argument("--classes", type=int, default=8, help="classes in use, spread over 1..150 (default 8)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--force", action="store_true", help="write into a folder that already holds files")
+    synth = commands.add_parser("synth", help="write a synthetic dataset in a real dataset's layout, or a synthetic clip")
+    synths = synth.add_subparsers(dest="dataset", required=True, metavar="KIND")
+    scenes = synths.add_parser("ade20k", help="scenes of textured shapes in the ADEChallengeData2016 layout")
+    scenes.add_argument("out", type=Path, help="folder to create (the ADEChallengeData2016 layout)")
+    scenes.add_argument("--train", type=int, default=200, help="training images (default 200)")
+    scenes.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    scenes.add_argument("--size", type=parse_size, default=(256, 320), help="image size HxW (default 256x320)")
+    scenes.add_argument("--classes", type=int, default=8, help="classes in use, spread over 1..150 (default 8)")
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--force", action="store_true", help="write into a folder that already holds files")
+    clip = synths.add_parser("video", help="an MP4 of textured shapes moving over a background and occluding each other")
+    clip.add_argument("out", type=Path, help="the .mp4 file to write")
+    clip.add_argument("--frames", type=int, default=48, help="frames (default 48)")
+    clip.add_argument("--size", type=parse_size, default=(128, 160), help="frame size HxW, both even (default 128x160)")
+    clip.add_argument("--fps", type=float, default=12.0, help="frames per second (default 12)")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--force", action="store_true", help="replace the file if it exists")
 
     shard = commands.add_parser("shard", help="pack a dataset into WebDataset tar shards, or verify shards")
     kinds = shard.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -76,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("out", type=Path)
     images.add_argument("--split", required=True, help="split name, e.g. training")
     images.add_argument("--dataset", default="images", help="dataset name used in shard names (default images)")
+
+    video = kinds.add_parser("video", parents=[packing], help="frames of video files, no labels (W-Net, DINO)")
+    video.add_argument("files", nargs="+", type=Path, metavar="FILE", help="video files (any container and codec FFmpeg reads)")
+    video.add_argument("out", type=Path, help="output folder; the frames go to <out>/<split>/")
+    video.add_argument("--fps", type=float, default=None,
+                       help="frames kept per second of video, by presentation time (default: every frame)")
+    video.add_argument("--short-side", type=int, default=512,
+                       help="frames scaled down to this shorter side, never up (default 512, about ADE20K's)")
+    video.add_argument("--split", default="training", help="split name (default training)")
+    video.add_argument("--dataset", default="video", help="dataset name used in shard names (default video)")
 
     train = commands.add_parser("train", parents=[overriding],
                                 help="train a job spec on this machine (resumes a run with checkpoints)")
@@ -141,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run name or folder, checkpoint folder, or an official DINO backbone file")
     pictures.add_argument("--curves", action="store_true", help="loss and mIoU curves of the named runs in one PNG")
     pictures.add_argument("--frames", type=Path, help="a folder of frames: DINO attention as an animated GIF")
+    pictures.add_argument("--video", type=Path, metavar="FILE",
+                          help="a video file: the family's picture of each frame as <stem>_<family>.mp4 and .gif")
+    pictures.add_argument("--fps", type=float, default=None,
+                          help="with --video: frames drawn per second of video (default: every frame)")
     pictures.add_argument("--samples", type=int, default=4, help="validation images in a grid (default 4)")
     pictures.add_argument("--model", default="dino_vits8", help="architecture of a backbone file (default dino_vits8)")
     pictures.add_argument("--out", type=Path, help="folder for the pictures (default runs/<name>/pictures)")
@@ -197,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "synth":
         from launcher.commands import data
 
+        if args.dataset == "video":
+            return data.synth_video(args.out, args.frames, args.size, args.fps, args.seed, args.force)
         return data.synth(args.out, args.train, args.val, args.size, args.classes, args.seed, args.force)
     if args.command == "shard":
         from launcher.commands import data
@@ -208,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         if args.kind == "ade20k":
             splits = args.splits.split(",") if args.splits else None
             return data.shard_ade20k(args.src, args.out, splits, **options)
+        if args.kind == "video":
+            return data.shard_video(args.files, args.out, args.split, args.dataset, args.fps, args.short_side, **options)
         return data.shard_images(args.src, args.out, args.split, args.dataset, **options)
     if args.command == "train":
         from launcher.commands import train
@@ -239,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "visualize":
         from launcher.commands import visualize
 
-        return visualize.main(args.targets, args.curves, args.frames, args.samples, args.model, args.out, args.overrides)
+        return visualize.main(args.targets, args.curves, args.frames, args.samples, args.model, args.out, args.overrides,
+                              args.video, args.fps)
     if args.command == "demo":
         from launcher.commands import demo
 

@@ -53,6 +53,7 @@ class SourceSample:
     image: Path
     label: Path | None
     source: str  # the image's path relative to the source root, as recorded in the sample's JSON
+    meta: tuple[tuple[str, int | float | str], ...] = ()  # more fields of the sample's JSON (a video frame's time)
 
 
 def split_prefix(split: str) -> str:

@@ -19,3 +19,8 @@ def decode_failure(what: str, exc: Exception) -> str:
     """A decode failure as deterministic text (Pillow quotes the BytesIO it read with its memory address)."""
     message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the bytes", str(exc))
     return f"{what} does not decode ({type(exc).__name__}: {message[:200]})"
+
+
+class UnusableVideo(ShardsError):
+    """A video file that cannot give frames; the message is the reason alone (callers name the file): `shard
+    video` records it in the manifest's rejected list, `visualize --video` turns it into a BadSourceError."""

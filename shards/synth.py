@@ -5,19 +5,27 @@ its stripe texture (orientation and period), so the label is predictable from lo
 Segmenter reaches a high mIoU in minutes on a CPU, and W-Net and DINO have segments to find. Some regions are
 labelled 0 ("other", ignored in training) and drawn in a random grey, as unlabelled stuff is in ADE20K.
 
-Same arguments -> byte-identical files (JPEG and PNG encoding in Pillow are deterministic).
+The synthetic clip (`segjobs synth video`) moves shapes of those classes, textures and all, over a background
+of another class: they bounce off the borders and pass in front of one another in a fixed depth order, so
+a frame has occlusions and the next frame the same objects a few pixels on.
+
+Same arguments -> byte-identical files (JPEG and PNG encoding in Pillow are deterministic, and so is the MP4
+encoding of shards.mp4 with one FFmpeg build).
 Does not import torch: `segjobs synth` stays fast to start.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from shards.ade20k import NUM_CLASSES, object_info_lines, split_prefix
+from shards.mp4 import write_mp4
 
 JPEG_QUALITY = 90
 
@@ -100,3 +108,57 @@ def write_ade20k(out: Path, *, train: int, val: int, height: int, width: int, se
     lines = object_info_lines(ratio, images_with["training"][1:].tolist(), images_with["validation"][1:].tolist())
     (out / "objectInfo150.txt").write_text("\n".join(lines) + "\n")
     return counts
+
+
+# ---- the synthetic clip -----------------------------------------------------------------------------------
+CLIP_SHAPES = 4
+
+
+def striped(colour: np.ndarray, angle: float, period: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """A class's texture at the given coordinates (relative to whatever it moves with): N x 3 float."""
+    phase = (xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / period)
+    return colour + 35 * np.sin(phase)[:, None]
+
+
+def render_clip(frames: int, height: int, width: int, seed: int) -> Iterator[np.ndarray]:
+    """The clip's frames, H x W x 3 uint8 each: CLIP_SHAPES textured shapes moving over a striped background."""
+    rng = np.random.default_rng([seed, 1])
+    labels = [int(v) for v in rng.permutation(class_ids(8))[: CLIP_SHAPES + 1]]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = striped(*class_appearance(labels[0]), xx.ravel(), yy.ravel()).reshape(height, width, 3)
+    shapes = []
+    for label in labels[1:]:
+        speed, direction = rng.uniform(1.5, 4.0), rng.uniform(0, 2 * np.pi)
+        shapes.append({
+            "label": label, "kind": rng.choice(["ellipse", "rectangle", "triangle"]),
+            "radius": (rng.uniform(0.12, 0.25) * width, rng.uniform(0.12, 0.25) * height),
+            "centre": np.array([rng.uniform(0, width), rng.uniform(0, height)]),
+            "velocity": speed * np.array([np.cos(direction), np.sin(direction)]),
+        })
+    for index in range(frames):
+        image = background.copy()
+        for shape in shapes:  # in a fixed depth order: later shapes pass in front of earlier ones
+            (cx, cy), (rx, ry) = shape["centre"], shape["radius"]
+            mask_image = Image.new("L", (width, height), 0)
+            draw = ImageDraw.Draw(mask_image)
+            if shape["kind"] == "ellipse":
+                draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+            elif shape["kind"] == "rectangle":
+                draw.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+            else:
+                draw.polygon([(cx, cy - ry), (cx + rx, cy + ry), (cx - rx, cy + ry)], fill=1)
+            mask = np.asarray(mask_image).astype(bool)
+            image[mask] = striped(*class_appearance(shape["label"]), xx[mask] - cx, yy[mask] - cy)
+            shape["centre"] = shape["centre"] + shape["velocity"]
+            for axis, limit in enumerate((width, height)):  # bounce off the borders
+                if not 0 <= shape["centre"][axis] <= limit:
+                    shape["velocity"][axis] *= -1
+                    shape["centre"][axis] = np.clip(shape["centre"][axis], 0, limit)
+        image += np.random.default_rng([seed, 2, index]).normal(0, 4, size=image.shape)
+        yield np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_video(out: Path, *, frames: int, height: int, width: int, fps: float, seed: int) -> str:
+    """Write the synthetic clip as an MP4 at `fps`; returns the encoder used (shards.mp4)."""
+    pictures = (Image.fromarray(frame) for frame in render_clip(frames, height, width, seed))
+    return write_mp4(out, pictures, Fraction(fps).limit_denominator(1001))

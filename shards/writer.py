@@ -26,7 +26,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -242,7 +242,8 @@ def sample_members(sample: SourceSample, check: CheckResult, image: bytes, label
                    split: str) -> list[tuple[str, bytes]]:
     """The tar members of one good sample (the original bytes), in sorted name order."""
     suffix = "jpg" if sample.image.suffix.lower() in (".jpg", ".jpeg") else sample.image.suffix.lower()[1:]
-    meta = {"dataset": dataset, "split": split, "source": sample.source, "width": check.width, "height": check.height}
+    meta = {"dataset": dataset, "split": split, "source": sample.source, "width": check.width, "height": check.height,
+            **dict(sample.meta)}
     members = [
         (f"{sample.key}.{suffix}", image),
         (f"{sample.key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
@@ -288,9 +289,11 @@ def write_split(
     strict: bool = False,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    rejected: Sequence[Rejection] = (),
 ) -> tuple[Manifest, SplitSummary]:
     """Shard one split; `progress(samples_done, bytes_done)` is called as samples are packed. num_classes and
-    class_names go into the manifest (labels are stored as the source has them, 0 = "other")."""
+    class_names go into the manifest (labels are stored as the source has them, 0 = "other"); `rejected`
+    lists sources refused before they became samples (an unreadable video), ahead of the samples rejected here."""
     if samples_per_shard < 1 or max_shard_bytes <= 0 or workers < 1:
         raise BadSourceError("--samples-per-shard, --max-shard-bytes and --workers must be positive.")
     start = time.perf_counter()
@@ -305,7 +308,8 @@ def write_split(
                              "or choose another output folder.")
     split_dir.mkdir(parents=True, exist_ok=True)
     new_state: dict[str, dict] = {}
-    manifest = Manifest(dataset=dataset, split=split, num_classes=num_classes, class_names=class_names)
+    manifest = Manifest(dataset=dataset, split=split, num_classes=num_classes, class_names=class_names,
+                        rejected=list(rejected))
     reused = done = written = 0
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:

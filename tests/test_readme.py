@@ -22,6 +22,9 @@ EXERCISED = [
     (r"^make test$", "tests/test_readme.py::test_every_readme_command_is_exercised"),  # CI runs `make test` itself
     (r"^python3 -m venv \.venv && \.venv/bin/pip install -e \.$", "tests/test_shard.py::test_data_commands_do_not_import_torch"),
     (r"^segjobs synth ade20k", "tests/test_synth.py::test_layout_labels_and_object_info"),
+    (r"^segjobs synth video", "tests/test_video.py::test_the_synthetic_clip_moves_and_depends_only_on_the_seed"),
+    (r"^segjobs shard video", "tests/test_video.py::test_frames_are_sampled_by_time_scaled_down_and_read_back_by_the_loader"),
+    (r"^segjobs visualize .*--video", "tests/test_video.py::test_visualize_writes_an_mp4_and_a_gif_of_every_kept_frame"),
     (r"^segjobs shard ade20k", "tests/test_shard.py::test_round_trip_keeps_original_bytes"),
     (r"^segjobs shard verify", "tests/test_shard.py::test_verify_names_the_shard_with_a_flipped_byte"),
     (r"^segjobs shard images", "tests/test_shard.py::test_image_folder_shards_have_no_labels_and_dotless_keys"),

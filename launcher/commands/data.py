@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shards import ade20k, synth as synth_data
+from shards import ade20k, synth as synth_data, video as video_source
 from shards.errors import BadSourceError, ShardsError
 from shards.reader import verify_split
 from shards.writer import image_folder_samples, write_split
@@ -25,6 +26,24 @@ def synth(out: Path, train: int, val: int, size: tuple[int, int], classes: int, 
     synth_data.write_ade20k(out, train=train, val=val, height=size[0], width=size[1], seed=seed, num_classes=classes)
     print(f"synthetic ADE20K: {train} training + {val} validation images ({size[0]}x{size[1]}, "
           f"{classes} classes, seed {seed}) in {time.perf_counter() - start:.1f} s -> {out}")
+    return 0
+
+
+def synth_video(out: Path, frames: int, size: tuple[int, int], fps: float, seed: int, force: bool = False) -> int:
+    if out.suffix.lower() != ".mp4":
+        raise BadSourceError(f"{out}: synth video writes an MP4; give the file a .mp4 name.")
+    if out.exists() and not force:
+        raise BadSourceError(f"{out} already exists; synth would overwrite it. Choose a new name, or pass --force.")
+    if not 1 <= frames <= 100_000 or not 0 < fps <= 240:
+        raise BadSourceError(f"--frames must be in 1..100000 and --fps in (0, 240], got {frames} and {fps}.")
+    if size[0] % 2 or size[1] % 2:
+        raise BadSourceError(f"--size {size[0]}x{size[1]}: both sides must be even (MP4's yuv420p halves the colour resolution).")
+    if not out.parent.is_dir():
+        raise BadSourceError(f"{out.parent}: no such folder for {out.name}.")
+    start = time.perf_counter()
+    codec = synth_data.write_video(out, frames=frames, height=size[0], width=size[1], fps=fps, seed=seed)
+    print(f"synthetic clip: {frames} frames ({size[0]}x{size[1]}, {fps:g} fps, {codec}, seed {seed}) in "
+          f"{time.perf_counter() - start:.1f} s -> {out}")
     return 0
 
 
@@ -49,6 +68,46 @@ def shard_images(src: Path, out: Path, split: str, dataset: str, **options) -> i
     if not dataset or "-" in dataset or "/" in dataset or not split or "/" in split:
         raise BadSourceError(f"--dataset and --split must be plain names without '-' or '/', got {dataset!r}, {split!r}.")
     _shard(image_folder_samples(src), out / split, dataset, split, 0, None, options)
+    return 0
+
+
+def shard_video(files: list[Path], out: Path, split: str, dataset: str, fps: float | None, short_side: int,
+                **options) -> int:
+    """The kept frames of each video, image-only shards in <out>/<split>/ (shards.video says which frames, how
+    scaled, and their keys). Videos that give no frames are listed under "rejected" with the reason; when
+    every one is, nothing is written and the command fails with exit status 2."""
+    if not dataset or "-" in dataset or "/" in dataset or not split or "/" in split:
+        raise BadSourceError(f"--dataset and --split must be plain names without '-' or '/', got {dataset!r}, {split!r}.")
+    if fps is not None and not 0 < fps <= 1000:
+        raise BadSourceError(f"--fps must be in (0, 1000] frames per second, got {fps}.")
+    if short_side < 32:
+        raise BadSourceError(f"--short-side must be at least 32 pixels, got {short_side}.")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise BadSourceError(f"no such video file: {', '.join(missing[:8])}; nothing was written.")
+    if out.exists() and not out.is_dir():
+        raise BadSourceError(f"{out} is a file, not an output folder: the last argument of shard video is the folder "
+                             "to write the shards into.")
+    split_dir = out / split
+    created = [d for d in (out, split_dir) if not d.exists()]
+    staging = split_dir / ".video-frames"  # a fixed name: the writer's fingerprints include the frame files' paths
+    try:
+        samples, rejected = video_source.stage_frames(files, staging, fps, short_side)
+        if not samples:
+            reasons = "; ".join(f"{r.source}: {r.reason}" for r in rejected)
+            raise BadSourceError(f"none of the {len(files)} video file(s) gives frames, so nothing was written: {reasons}.")
+        for rejection in rejected:
+            print(f"{rejection.source}: rejected, {rejection.reason}", file=sys.stderr)
+        print(f"{len(samples)} frames of {len(files) - len(rejected)} video(s) "
+              f"({'every frame' if fps is None else f'{fps:g} per second'}, shorter side at most {short_side})")
+        _shard(samples, split_dir, dataset, split, 0, None, {**options, "rejected": rejected})
+    except OSError as exc:  # decoding rejects what it cannot read; this is the staging folder
+        raise ShardsError(f"{exc.filename or staging}: cannot write the frames ({exc.strerror}).") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(created):  # the output folders this command made, when it wrote nothing there
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     return 0
 
 

@@ -129,6 +129,16 @@ class Task(ABC):
         """The network a frame animation draws (DINO: the teacher, as in the paper's figures)."""
         return unwrap(self.model)
 
+    def video_frame(self, image: np.ndarray, device) -> Image.Image:
+        """One frame of `segjobs visualize --video`: the family's tiles for one H x W x 3 uint8 video frame, side
+        by side. Every frame of a video has the same size, so every picture must too. The default is the frame
+        animation's picture (frame_picture); a family without one draws no video."""
+        if self.frames_name is None:
+            from launcher.spec import SpecError
+
+            raise SpecError(f"--video: the {self.family} family draws no video.")
+        return type(self).frame_picture(self.picture_network(), image, device)
+
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 B x 3 x H x W -> float, normalised on the device (the loader ships uint8: 4x fewer bytes)."""

@@ -1,6 +1,7 @@
 """Segmenter as rstrudel/segmenter trains and evaluates it: per-pixel cross-entropy (ignore 255) on mmseg's ADE20K
 pipeline, inputs normalised with the backbone's statistics and padded with 0 after normalising; mIoU, mAcc and
-pixel accuracy by the reference's protocols; pictures of image | ground truth | prediction.
+pixel accuracy by the reference's protocols; pictures of image | ground truth | prediction, and of image |
+prediction for every frame of a video.
 
 Evaluation modes (`segjobs eval --mode`), each from the image at its original size, normalised on the device:
 - whole: mmseg's keep-ratio Resize to data.scale (2048 x 512), one forward, logits bilinear to the label's size.
@@ -139,6 +140,12 @@ class SegmenterTask(Task):
             truth = label if label is not None else np.full(image.shape[:2], IGNORE_INDEX)
             rows.append([image, overlay(image, truth), overlay(image, prediction)])
         return {"segmenter.png": grid(rows)}
+
+    @torch.no_grad()
+    def video_frame(self, image, device):
+        """image | prediction (in the evaluation mode, slide unless set), each class in its colour."""
+        prediction = self.predict(self.normalize(to_batch(image, image.shape[:2], device))).argmax(1)[0].cpu().numpy()
+        return grid([[image, overlay(image, prediction)]])
 
 
 def zero_padding(images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

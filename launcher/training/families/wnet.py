@@ -1,7 +1,8 @@
 """W-Net: the paper's alternating schedule, per batch an N-cut step on U-Enc then a reconstruction step on
 both U-Nets; evaluation on whole images: unsupervised scores of its K segments (Hungarian one-to-one and
 many-to-one) and the reconstruction's PSNR, with and without the paper's post-processing (wnet.postprocess:
-a dense CRF, then merging adjacent segments by mean colour); pictures of image | segments | reconstruction."""
+a dense CRF, then merging adjacent segments by mean colour); pictures of image | segments | reconstruction, for
+validation samples and for every frame of a video."""
 
 from __future__ import annotations
 
@@ -118,14 +119,20 @@ class WNetTask(Task):
     @torch.no_grad()
     def pictures(self, samples, device) -> dict:
         """image | segments (post-processed as wnet.postprocess says) | reconstruction per sample."""
-        rows = []
-        for image, _ in samples:  # W-Net pads to its own multiple: any size goes
-            batch = to_batch(image, image.shape[:2], device)
-            probs, reconstruction = self.model(batch.float() / 255.0, decode=True)
-            if self.spec.wnet.postprocess == "none":
-                segments = probs.argmax(1)[0]
-            else:
-                segments = self.postprocess(probs[0].float(), batch[0])
-            rebuilt = (reconstruction[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-            rows.append([image, colourize(segments.cpu().numpy(), offset=1), rebuilt])
-        return {"wnet.png": grid(rows)}
+        postprocess = self.spec.wnet.postprocess != "none"
+        return {"wnet.png": grid([self.tiles(image, device, postprocess) for image, _ in samples])}
+
+    @torch.no_grad()
+    def video_frame(self, image, device):
+        """image | segments | reconstruction. The segments are U-Enc's K clusters as they are: post-processing
+        (the CRF, the merging) numbers its segments anew on every frame, so their colours would flicker."""
+        return grid([self.tiles(image, device, postprocess=False)])
+
+    def tiles(self, image, device, postprocess: bool) -> list:
+        """[image, segments in the cluster colours, reconstruction] for one H x W x 3 uint8 image; W-Net pads to
+        its own multiple, so any size goes."""
+        batch = to_batch(image, image.shape[:2], device)
+        probs, reconstruction = self.model(batch.float() / 255.0, decode=True)
+        segments = self.postprocess(probs[0].float(), batch[0]) if postprocess else probs.argmax(1)[0]
+        rebuilt = (reconstruction[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        return [image, colourize(segments.cpu().numpy(), offset=1), rebuilt]
