@@ -249,8 +249,17 @@ class AttentionJaccard:
     @torch.no_grad()
     def add(self, batch: dict, accelerator) -> None:
         images = normalize(to_device(batch["image"], accelerator.device))
-        with accelerator.autocast():
-            maps = self.network.attention_maps(images).float()  # B x heads x patches
+        # Under FSDP the last block's norm and attention are called directly, past its hooks: gather it here.
+        last = self.network.backbone.blocks[-1]
+        gather = hasattr(last, "unshard")
+        if gather:
+            last.unshard()
+        try:
+            with accelerator.autocast():
+                maps = self.network.attention_maps(images).float()  # B x heads x patches
+        finally:
+            if gather:
+                last.reshard()
         patch = self.network.config.backbone.patch_size
         grid_shape = (images.shape[-2] // patch, images.shape[-1] // patch)
         masks = torch.cat([attention_masks(maps), attention_masks(maps.mean(1, keepdim=True))], dim=1).float()
