@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--runs", dest="run_dirs", action="append", default=[], type=Path, metavar="DIR",
                         help="also show the runs in DIR (a run folder or a folder of runs)")
     status.add_argument("--watch", action="store_true", help="refresh until every shown run has finished")
-    status.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
+    status.add_argument("--interval", type=float, default=30.0,
+                        help="seconds between refreshes with --watch (default 30: each asks sacct and squeue once)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     logs = commands.add_parser("logs", help="print the log of a run's latest job")

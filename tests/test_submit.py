@@ -253,3 +253,15 @@ def test_without_accounting_live_jobs_come_from_squeue_and_the_table_says_it_onc
     console = Console(width=200, record=True)
     console.print(status.table(rows, "sacct did not answer"))
     assert console.export_text().count("sacct did not answer") == 1
+
+
+def test_runs_sharing_a_name_are_told_apart_by_their_folder(tmp_path):
+    first = fake_run(tmp_path / "a", "twin", "COMPLETED", "301")
+    second = fake_run(tmp_path / "b", "twin", "COMPLETED", "302")
+    alone = fake_run(tmp_path / "c", "single", "COMPLETED", "303")
+    from rich.console import Console
+
+    console = Console(width=250, record=True)
+    console.print(status.table([status.build_row(d, queue.SlurmView(), time.time()) for d in (first, second, alone)]))
+    text = console.export_text()
+    assert str(first) in text and str(second) in text and str(alone) not in text

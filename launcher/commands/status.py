@@ -217,14 +217,17 @@ def table(rows: list[Row], notice: str | None = None):
                             ("elapsed / limit", "right"), ("progress", "left"), ("loss", "right"), ("img/s", "right"),
                             ("ETA", "right"), ("requeues", "right"), ("ckpt age", "right")]:
         grid.add_column(column, justify=justify, no_wrap=column != "state", overflow="fold")  # fold: whole log paths
+    names = [row.name for row in rows]
     for row in rows:
         state = Text(row.state, style=STATE_STYLE.get(row.state, ""))
+        # one spec trained into two folders: the same name twice, told apart by the folder
+        name = f"{row.name}\n{row.run_dir}" if names.count(row.name) > 1 else row.name
         if row.reason:
             state.append(f" ({row.reason})", style="dim")
         if row.error and row.state in ("FAILED", "TIMEOUT", "UNREADABLE", "REQUEUED"):  # REQUEUED: after a fault
             state.append(f"\n{row.error[:240]}", style="dim red")
         progress = progress_text(row)
-        grid.add_row(row.name, row.model, row.job_id or "-", state, f"{row.nodes}×{row.gpus_per_node}",
+        grid.add_row(name, row.model, row.job_id or "-", state, f"{row.nodes}×{row.gpus_per_node}",
                      f"{duration(row.elapsed_s)} / {duration(row.limit_s)}", progress,
                      f"{row.loss:.4f}" if row.loss is not None else "-",
                      f"{row.samples_per_s:.1f}" if row.samples_per_s is not None else "-",
@@ -233,7 +236,7 @@ def table(rows: list[Row], notice: str | None = None):
     return grid
 
 
-def show(names: list[str], extra_dirs: list[Path], show_all: bool, watch: bool, as_json: bool, interval: float = 5.0) -> int:
+def show(names: list[str], extra_dirs: list[Path], show_all: bool, watch: bool, as_json: bool, interval: float = 30.0) -> int:
     if as_json:
         rows, notice = collect(names, extra_dirs, show_all)
         print(json.dumps([{**asdict(r), "active": r.active} for r in rows], indent=1))
