@@ -31,6 +31,12 @@ from pathlib import Path
 USAGE_ERROR, WORK_FAILED = 2, 1
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
@@ -115,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto",
                         help="auto (default): slurm when a SLURM controller answers, else local processes")
     submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                        help="one run per value (several --sweep: every combination), submitted as one job array")
+                        help="one run per value (several --sweep: every combination), submitted as one job array "
+                             "(several when SLURM's MaxArraySize is smaller); recorded in <name>-sweep/sweep.json")
+    submit.add_argument("--max-parallel", type=positive_int, default=None, metavar="N",
+                        help="run at most N tasks of a sweep's array at once (--array=0-K%%N)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
 
     planning = commands.add_parser("plan", parents=[overriding],
@@ -248,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         from launcher.cluster import submit
 
         if args.command == "submit":
-            return submit.submit(args.spec, args.cluster, args.overrides, args.sweep, args.dry_run)
+            return submit.submit(args.spec, args.cluster, args.overrides, args.sweep, args.dry_run, args.max_parallel)
         if args.command == "resume":
             return submit.resume(args.run, args.cluster)
         return submit.cancel(args.run)

@@ -79,6 +79,12 @@ def test_sweep_is_one_array_with_a_run_per_point(shard_root, tmp_path, capsys):
     assert "#SBATCH --array=0-2%3" in script and f"{tmp_path / 'sw-sweep' / 'logs'}/%A_%a_0_log.out" in script
     assert not (tmp_path / "sw-sweep").exists(), "a dry run writes nothing"
     assert segjobs(["submit", str(spec), "--dry-run", "--sweep", "optim.lr"]) == 2
+    capsys.readouterr()
+    assert segjobs(["submit", str(spec), "--dry-run", "--sweep", "optim.lr=0.1,0.01,0.001", "--max-parallel", "2"]) == 0
+    assert "#SBATCH --array=0-2%2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error
+        segjobs(["submit", str(spec), "--dry-run", "--max-parallel", "0"])
+    assert refused.value.code == 2 and "--max-parallel" in capsys.readouterr().err
 
 
 def wait_for_state(run_dir: Path, states: set[str], timeout: float = 240) -> status.Row:

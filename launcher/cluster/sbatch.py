@@ -44,11 +44,14 @@ def slurm_parameters(spec: JobSpec) -> dict:
     return params
 
 
-def sbatch_script(spec: JobSpec, folder: Path, python: str = sys.executable, array_size: int | None = None) -> str:
+def sbatch_script(spec: JobSpec, folder: Path, python: str = sys.executable, array_size: int | None = None,
+                  max_parallel: int | None = None) -> str:
     """The sbatch script submitit writes for this spec: every value is shell-quoted on its #SBATCH line.
-    resources.setup lines are the user's own shell, copied as they are."""
+    resources.setup lines are the user's own shell, copied as they are. An array runs at most `max_parallel`
+    tasks at once (submitit's default otherwise: 256)."""
     command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **slurm_parameters(spec))
+    throttle = {"array_parallelism": max_parallel} if max_parallel else {}
+    return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **slurm_parameters(spec), **throttle)
 
 
 def check_sbatch_safe(spec: JobSpec, folder: Path) -> None:

@@ -22,6 +22,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from launcher.errors import WorkFailed
 from launcher.spec import JobSpec, SpecError, apply_override, check_environment, parse_spec, read_spec_file, resume_conflict
 
 log = logging.getLogger("segjobs.submit")
+DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize
 
 
 class SubmitError(WorkFailed):
@@ -139,11 +141,13 @@ def check_resumable(spec: JobSpec, source: str) -> None:
             raise SpecError(f"{source}: cannot resume {latest}: {conflict}. Use another name or output_dir for a new run.")
 
 
-def make_executor(cluster: str, folder: Path, spec: JobSpec):
+def make_executor(cluster: str, folder: Path, spec: JobSpec, max_parallel: int | None = None):
     resources = spec.resources
     if cluster == "slurm":
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues)
         executor.update_parameters(**slurm_parameters(spec))
+        if max_parallel:
+            executor.update_parameters(array_parallelism=max_parallel)  # --array=0-K%N
         return executor
     if resources.nodes > 1:
         raise SpecError(f"resources.nodes: {resources.nodes} nodes need SLURM; the local executor runs on one node.")
@@ -174,7 +178,8 @@ def refusal_hint(message: str) -> str:
     return "Check the spec's resources section against `sinfo`."
 
 
-def submit_all(submissions: list[Submission], folder: Path, cluster: str, source: str) -> list[Submission]:
+def submit_all(submissions: list[Submission], folder: Path, cluster: str, source: str,
+               max_parallel: int | None = None) -> list[Submission]:
     """Submit one job (or one array for several submissions), then record each run. Nothing is recorded when
     the scheduler refuses, and a run directory this call created is removed again."""
     from submitit.core.utils import FailedJobError
@@ -185,7 +190,7 @@ def submit_all(submissions: list[Submission], folder: Path, cluster: str, source
         check_not_running(item.spec.run_dir)
         check_resumable(item.spec, source)
     created = [p for p in {folder.parent, *(s.spec.run_dir for s in submissions)} if not p.exists()]
-    executor = make_executor(cluster, folder, submissions[0].spec)
+    executor = make_executor(cluster, folder, submissions[0].spec, max_parallel)
     jobs = []
     refused = io.StringIO()
     try:
@@ -219,18 +224,43 @@ def record_submission(item: Submission, cluster: str, folder: Path, job_name: st
 
 
 def submit(spec_path: str, cluster: str = "auto", overrides: list[str] = (), sweeps: list[str] = (),
-           dry_run: bool = False) -> int:
+           dry_run: bool = False, max_parallel: int | None = None) -> int:
     submissions, folder = load_points(spec_path, list(overrides), list(sweeps))
     if dry_run:
         for item in submissions:
             check_sbatch_safe(item.spec, folder)
         array = len(submissions) if len(submissions) > 1 else None
-        print(sbatch_script(submissions[0].spec, folder, array_size=array), end="")
+        print(sbatch_script(submissions[0].spec, folder, array_size=array, max_parallel=max_parallel), end="")
         return 0
     cluster = choose_cluster(cluster)
-    for item in submit_all(submissions, folder, cluster, spec_path):
+    # A sweep over SLURM's MaxArraySize goes as several arrays, each throttled to max_parallel.
+    size = max_array_size() if cluster == "slurm" else len(submissions)
+    done = []
+    for first in range(0, len(submissions), size):
+        done += submit_all(submissions[first:first + size], folder, cluster, spec_path, max_parallel)
+    if sweeps:
+        write_sweep(folder.parent / "sweep.json", spec_path, sweeps, done)
+    for item in done:
         print(f"{item.spec.name}\tjob {item.job_id}\t{cluster}\t{item.spec.run_dir}")
     return 0
+
+
+def max_array_size() -> int:
+    """SLURM's MaxArraySize (`scontrol show config`): an array's task indices run from 0 to MaxArraySize - 1."""
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        config = ""
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.MULTILINE)
+    return max(1, int(found.group(1))) if found else DEFAULT_MAX_ARRAY_SIZE
+
+
+def write_sweep(path: Path, spec_path: str, sweeps: list[str], submitted: list[Submission]) -> None:
+    """<name>-sweep/sweep.json: the swept axes and, per point, its overrides, run folder and job id."""
+    axes = {key: values.split(",") for key, _, values in (sweep.partition("=") for sweep in sweeps)}
+    points = [{"name": item.spec.name, "run_dir": str(item.spec.run_dir), "overrides": item.overrides,
+               "job_id": item.job_id} for item in submitted]
+    runs.write_json(path, {"spec": spec_path, "axes": axes, "points": points})
 
 
 def resume(name: str, cluster: str | None = None) -> int:

@@ -174,3 +174,21 @@ def test_sigterm_preemption_checkpoints_requeues_and_ends_with_the_uninterrupted
     assert [s["restart_count"] for s in record["starts"]] == [0, 1] and not record.get("requeues"), "SLURM requeued it"
     assert wait_for(whole, {"COMPLETED", "FAILED"}).state == "COMPLETED"
     assert losses(run_dir) == losses(whole) and len(losses(whole)) == 150
+
+
+def test_a_sweep_over_max_array_size_goes_as_throttled_arrays_recorded_in_sweep_json(shard_root, tmp_path, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setattr("launcher.cluster.submit.max_array_size", lambda: 2)  # the cluster's MaxArraySize: 2
+    spec = write_spec(tmp_path, shard_root, "segmenter", name="wide", train={"max_steps": 2, "log_every": 1}, resources=CPU_JOB)
+    capsys.readouterr()
+    assert segjobs(["submit", str(spec), "--cluster", "slurm", "--sweep", "seed=1,2,3", "--max-parallel", "1"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    arrays = [line[1].removeprefix("job ").split("_")[0] for line in lines]
+    assert arrays[0] == arrays[1] != arrays[2], "three points in arrays of at most two"
+    shown = subprocess.run(["scontrol", "show", "job", arrays[0]], capture_output=True, text=True).stdout
+    assert "ArrayTaskThrottle=1" in shown, shown
+    sweep = json.loads((tmp_path / "wide-sweep" / "sweep.json").read_text())
+    assert sweep["axes"] == {"seed": ["1", "2", "3"]}
+    assert [p["job_id"] for p in sweep["points"]] == [line[1].removeprefix("job ") for line in lines]
+    for point in sweep["points"]:
+        assert wait_for(Path(point["run_dir"]), {"COMPLETED", "FAILED"}).state == "COMPLETED", point
