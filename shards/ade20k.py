@@ -117,3 +117,20 @@ def read_class_names(object_info: Path) -> list[str]:
         if len(fields) >= 5:
             names.append(fields[4].split(";")[0].strip())
     return names
+
+
+def image_folder_samples(src: Path) -> list[SourceSample]:
+    """Every image under `src` (recursively) as an unlabelled sample; keys are relative paths without dots."""
+    if not src.is_dir():
+        raise BadSourceError(f"{src}: no such folder; pass a folder of .jpg/.png images.")
+    samples, seen = [], set()
+    for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        relative = path.relative_to(src)
+        key = str(relative.with_suffix("")).replace(".", "_")
+        if key in seen:
+            continue  # a.jpg and a.png: the first (in sorted order) is kept
+        seen.add(key)
+        samples.append(SourceSample(key, path, None, str(relative)))
+    if not samples:
+        raise BadSourceError(f"{src}: no .jpg or .png images found.")
+    return samples

@@ -129,3 +129,10 @@ def verify_split(split_dir: Path) -> list[str]:
         elif any("json" not in m for m in index.members):
             problems.append(f"{path}: a sample has no .json member")
     return problems
+
+
+def verify_splits(split_dirs: list[Path]) -> None:
+    """data.verify: every shard's size and sha256 as its manifest records them (CorruptShardError otherwise)."""
+    problems = [problem for split_dir in split_dirs for problem in verify_split(split_dir)]
+    if problems:
+        raise CorruptShardError(f"data.verify: {len(problems)} shard(s) differ from their manifest: {'; '.join(problems[:5])}.")

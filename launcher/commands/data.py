@@ -11,7 +11,8 @@ from pathlib import Path
 from shards import ade20k, synth as synth_data, video as video_source
 from shards.errors import BadSourceError, ShardsError
 from shards.reader import verify_split
-from shards.writer import image_folder_samples, write_split
+from shards.ade20k import image_folder_samples
+from shards.writer import write_split
 
 
 def synth(out: Path, train: int, val: int, size: tuple[int, int], classes: int, seed: int, force: bool = False) -> int:

@@ -34,6 +34,7 @@ from launcher.training.metrics_log import LiveView, MetricsLog, to_json
 from launcher.training.parallel import build_accelerator, make_wrap, raw_optimizer
 from launcher.training.schedules import Horizon, peak_learning_rate
 from launcher.training.watchdog import StallWatchdog
+from shards.reader import verify_splits
 
 log = logging.getLogger("segjobs.train")
 
@@ -72,7 +73,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", accelerator.is_main_process)
 
         if spec.data.verify and accelerator.is_main_process:
-            verify_shards([spec.data.train, *([spec.data.val] if spec.data.val else [])])
+            verify_splits([spec.data.train, *([spec.data.val] if spec.data.val else [])])
+            log.info("data.verify: every shard matches its manifest")
         loader_options = dict(seed=spec.seed, num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer,
                               skip_corrupt=spec.data.skip_corrupt, pin_memory=cuda)
         self.train_loader = build_loader(spec.data.train, task_class.train_pipeline(spec), batch_size=spec.data.batch_size,
@@ -348,17 +350,6 @@ def apply_schedules(optimizers, schedules: dict, position: float) -> float:
             if group.get("decay"):
                 group["weight_decay"] = decay
     return lr
-
-
-def verify_shards(split_dirs: list[Path]) -> None:
-    """data.verify: every shard's size and sha256 as its manifest records them, before the first step."""
-    from shards.errors import CorruptShardError
-    from shards.reader import verify_split
-
-    problems = [problem for split_dir in split_dirs for problem in verify_split(split_dir)]
-    if problems:
-        raise CorruptShardError(f"data.verify: {len(problems)} shard(s) differ from their manifest: {'; '.join(problems[:5])}.")
-    log.info("data.verify: every shard matches its manifest")
 
 
 def run_spec(spec: JobSpec, source: str, job_id: str | None = None, cluster: str = "foreground", restart_count: int = 0,
