@@ -12,6 +12,7 @@
     segjobs submit jobs/dino_vits8.yaml --set resources.partition=gpu
     segjobs visualize demo_dino --video data/clip.mp4 --fps 6
     segjobs status --watch
+    segjobs compare runs/demo_wnet-sweep --metric many_to_one_miou --plot sweep.png
     segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
@@ -145,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between refreshes with --watch (default 30: each asks sacct and squeue once)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
 
+    comparing = commands.add_parser("compare", help="runs of a sweep (or any runs) side by side: axes, state, loss, scores")
+    comparing.add_argument("targets", nargs="+", metavar="SWEEP_OR_RUN",
+                           help="a <name>-sweep folder (or its sweep.json), or run names or folders")
+    comparing.add_argument("--metric", default="miou",
+                           help="validation score shown (default miou; W-Net, DINO: clusters matched to classes); "
+                                "an unknown name lists those the runs report")
+    comparing.add_argument("--json", action="store_true", help="print the runs (and the points over seeds) as JSON")
+    comparing.add_argument("--plot", type=Path, metavar="FILE.png", help="draw every run's loss and metric curves")
+
     logs = commands.add_parser("logs", help="print the log of a run's latest job")
     logs.add_argument("run", help="run name or folder")
     logs.add_argument("--follow", action="store_true", help="keep printing while the job runs")
@@ -271,6 +281,10 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "logs":
             return status.logs(args.run, args.follow, args.rank)
         return status.show(args.runs, args.run_dirs, args.all, args.watch, args.json, args.interval)
+    if args.command == "compare":
+        from launcher.commands import compare
+
+        return compare.main(args.targets, args.metric, args.json, args.plot)
     if args.command == "eval":
         from launcher.commands import eval as evaluation
 

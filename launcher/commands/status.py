@@ -147,14 +147,20 @@ def refresh_row(run_dir: Path) -> Row:
 def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool = False,
             poll: bool = True) -> tuple[list[Row], str | None]:
     """The rows, and a notice to show once when SLURM could not tell everything (no accounting)."""
-    run_dirs = runs.find_runs(list(names), list(extra_dirs))
+    rows, notice = rows_for(runs.find_runs(list(names), list(extra_dirs)), poll)
+    if not names and not show_all:
+        now = time.time()
+        rows = [r for r in rows if r.active or now - _modified(Path(r.run_dir)) < RECENT_S]
+    return rows, notice
+
+
+def rows_for(run_dirs: list[Path], poll: bool = True) -> tuple[list[Row], str | None]:
+    """A row per run folder, SLURM asked once for all of them, and the notice of collect()."""
     jobs = [_latest_job(d) for d in run_dirs]
     slurm_jobs = [job["job_id"] for job in jobs if job is not None and job["cluster"] == "slurm"]
     slurm = queue.poll_slurm(slurm_jobs if poll else [])
     now = time.time()
     rows = [build_row(d, slurm, now) for d in run_dirs]
-    if not names and not show_all:
-        rows = [r for r in rows if r.active or now - _modified(Path(r.run_dir)) < RECENT_S]
     notice = None
     if not slurm.reachable:
         notice = "squeue did not answer (the SLURM controller is down or unreachable): states are run.json's."

@@ -28,7 +28,6 @@ from PIL import Image
 
 from launcher import runs
 from launcher.spec import SpecError
-from launcher.training.metrics_log import read_metrics
 from shards.errors import BadSourceError, UnusableVideo
 from shards.mp4 import write_mp4
 from shards.video import VideoFrames, video_key
@@ -58,36 +57,15 @@ def validation_samples(spec, count: int, split: str = "validation") -> list[tupl
 
 
 def curves_picture(run_dirs: list[Path], out: Path) -> Path:
-    """Training loss (left) and validation mIoU (right) against the step, one line per run."""
-    import matplotlib
+    """Training loss (left) and validation mIoU (right) against the step, one line per run (compare.plot)."""
+    from launcher.commands.compare import plot, read_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (loss_axis, miou_axis) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    curves = []
     for run_dir in run_dirs:
-        path = run_dir / "metrics.jsonl"
-        if not path.exists():
+        if not (run_dir / "metrics.jsonl").exists():
             raise SpecError(f"{run_dir}: no metrics.jsonl to plot.")
-        try:
-            records = [r for r in read_metrics(path) if isinstance(r.get("step"), int)]
-        except ValueError as exc:
-            raise SpecError(f"{path}: cannot be plotted ({exc}).") from None
-        train = [r for r in records if isinstance(r.get("loss"), (int, float))]
-        evals = [r for r in records if isinstance(r.get("eval"), dict) and isinstance(r["eval"].get("miou"), (int, float))]
-        name = runs.read_run(run_dir).get("name", run_dir.name)
-        loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
-        if evals:
-            miou_axis.plot([r["step"] for r in evals], [r["eval"]["miou"] for r in evals], marker="o", label=name)
-    loss_axis.set(title="training loss", xlabel="step", yscale="log")
-    miou_axis.set(title="validation mIoU (unsupervised for W-Net, DINO)", xlabel="step", ylim=(0, 1))
-    for axis in (loss_axis, miou_axis):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out)
-    plt.close(figure)
-    return out
+        curves.append((runs.read_run(run_dir).get("name", run_dir.name), read_curves(run_dir)))
+    return plot(curves, "miou", out, metric_title="validation mIoU (unsupervised for W-Net, DINO)")
 
 
 # ---- the command ------------------------------------------------------------------------------------------
