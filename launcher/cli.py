@@ -13,6 +13,7 @@
     segjobs visualize demo_dino --video data/clip.mp4 --fps 6
     segjobs status --watch
     segjobs compare runs/demo_wnet-sweep --metric many_to_one_miou --plot sweep.png
+    segjobs predict demo_segmenter photos/*.jpg --out predictions; segjobs export demo_segmenter --out seg.safetensors
     segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
@@ -190,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     pictures.add_argument("--model", default="dino_vits8", help="architecture of a backbone file (default dino_vits8)")
     pictures.add_argument("--out", type=Path, help="folder for the pictures (default runs/<name>/pictures)")
 
+    predicting = commands.add_parser("predict", parents=[overriding],
+                                     help="a trained model on image files: class maps, segments or attention as PNGs")
+    predicting.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run name or folder, or a checkpoint folder")
+    predicting.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any size Pillow reads)")
+    predicting.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created; see --force)")
+    predicting.add_argument("--batch-size", type=positive_int, default=8, help="images decoded and predicted together (default 8)")
+    predicting.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when there is a GPU")
+    predicting.add_argument("--force", action="store_true",
+                            help="replace files in --out that segjobs did not write (or that changed since)")
+
+    exporting = commands.add_parser("export", help="a run's weights as one .safetensors file that models.create loads")
+    exporting.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run name or folder, or a checkpoint folder")
+    exporting.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors")
+    exporting.add_argument("--force", action="store_true", help="replace a file that is not a segjobs export")
+
     demo = commands.add_parser("demo", parents=[overriding],
                                help="the main job on this machine: synthetic data, three models, eval, pictures (--set: all three specs)")
     demo.add_argument("--root", type=Path, default=Path("data/demo"), help="data folder (default data/demo)")
@@ -294,6 +310,14 @@ def run(args: argparse.Namespace) -> int:
 
         return visualize.main(args.targets, args.curves, args.frames, args.samples, args.model, args.out, args.overrides,
                               args.video, args.fps)
+    if args.command == "predict":
+        from launcher.commands import predict
+
+        return predict.main(args.target, args.images, args.out, args.batch_size, args.device, args.force, args.overrides)
+    if args.command == "export":
+        from launcher.commands import export
+
+        return export.main(args.target, args.out, args.force)
     if args.command == "demo":
         from launcher.commands import demo
 

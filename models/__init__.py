@@ -11,16 +11,20 @@ from __future__ import annotations
 from torch import nn
 
 from models import dino, segmenter, wnet  # noqa: F401 - importing registers their variants
-from models.pretrained import LoadReport, PretrainedError, load_pretrained
+from models.pretrained import LoadReport, PretrainedError, build_exported, load_pretrained, read_export
 from models.registry import entries, entry, list_models
 
 
 def create(name: str, pretrained: str | None = None, **options) -> nn.Module:
-    """Build a registered variant; `pretrained` is a local file in any format models.pretrained reads."""
+    """Build a registered variant; `pretrained` is a local file in any format models.pretrained reads. A file of
+    `segjobs export` also supplies the options it was trained with (options given here win)."""
     try:
         build = entry(name).build
     except KeyError:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}") from None
+    exported = read_export(pretrained) if pretrained else None
+    if exported is not None:
+        return build_exported(pretrained, exported, name, build, options)
     model = build(**options)
     if pretrained:
         load_pretrained(model, pretrained)

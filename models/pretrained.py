@@ -6,7 +6,10 @@ Formats recognised, whatever the file name:
   (the teacher is used: it is the network the paper evaluates);
 - timm checkpoints (.safetensors or .pth): a plain ViT state dict, classifier `head.*` ignored;
 - official Segmenter checkpoints: {"model": {"encoder.*", "decoder.*"}, ...};
-- state dicts of segjobs' own models (plain, or under "model").
+- state dicts of segjobs' own models (plain, or under "model");
+- `segjobs export` files: a .safetensors file whose metadata entry "segjobs" holds the JSON config
+  {"format": "segjobs-export/1", "model", "options", ...}; `create(name, pretrained=FILE)` builds the network
+  with those options and loads every tensor exactly (build_exported).
 A ViT backbone (DINO, timm) loads into a Segmenter encoder too: the seed's "pretrained" Segmenter.
 
 Position embeddings are resized when the stored grid differs (bilinear for Segmenter, as its reference
@@ -18,6 +21,7 @@ checkpoint's `args` (torch's safe-globals allowlist: it sets attributes, it runs
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,3 +199,96 @@ def load_pretrained(model: nn.Module, pretrained: str | Path) -> LoadReport:
     report.missing = [k for k in own if k not in usable]
     log.info("pretrained: %s", report.summary())
     return report
+
+
+# ---- segjobs' own exports ------------------------------------------------------------------------------------
+EXPORT_FORMAT = "segjobs-export/1"
+EXPORT_KEY = "segjobs"  # the safetensors metadata entry that holds the JSON config
+OPTION_TYPES = (str, int, float, bool, type(None))
+
+
+def read_export(path: str | Path) -> tuple[dict, dict[str, tuple[int, ...]]] | None:
+    """(config, tensor name -> shape) of a `segjobs export` file, from its header alone; None for any other file.
+    safetensors checks the header (at most 100 MB, every tensor's bytes inside the file) before anything is read."""
+    path = resolve(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the file's fault here
+        raise PretrainedError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    if EXPORT_KEY not in metadata:
+        return None
+    try:
+        config = json.loads(metadata[EXPORT_KEY])
+    except (ValueError, RecursionError):
+        config = None
+    options = config.get("options") if isinstance(config, dict) else None
+    if (not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT or not isinstance(config.get("model"), str)
+            or not isinstance(options, dict) or not all(_plain_option(v) for v in options.values())):
+        raise PretrainedError(f"{path}: its '{EXPORT_KEY}' metadata is not a config segjobs writes "
+                              f"(format {EXPORT_FORMAT}, a model name, options of plain values).")
+    return config, shapes
+
+
+def _plain_option(value: object) -> bool:
+    return isinstance(value, OPTION_TYPES) or (isinstance(value, list) and all(isinstance(v, OPTION_TYPES) for v in value))
+
+
+def build_exported(path: str | Path, exported: tuple[dict, dict], name: str, build, options: dict) -> nn.Module:
+    """The network of a `segjobs export` file (`exported`: read_export's answer): built with the file's options (those passed here win), checked
+    against the file's tensor names and shapes on the meta device first (no memory; the build is stopped once it
+    registers more tensors than the file holds, so a config asking for a huge network costs nothing), then built
+    for real and loaded strictly: every tensor, no resizing."""
+    path, (config, shapes) = resolve(path), exported
+    if config["model"] != name:
+        raise PretrainedError(f"{path}: exported from {config['model'][:60]!r}, not {name!r}; "
+                              f"create it as models.create({config['model'][:60]!r}, pretrained=...).")
+    options = {**config["options"], **options}
+    with _bounded_registration(limit=2 * len(shapes) + 16), torch.device("meta"):
+        try:
+            probe = build(**options)
+        except PretrainedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - options from the file that do not build this model
+            raise PretrainedError(f"{path}: its options {str(options)[:200]} do not build {name} "
+                                  f"({type(exc).__name__}: {str(exc)[:200]}).") from None
+    expected = {key: tuple(value.shape) for key, value in probe.state_dict().items()}
+    if expected != shapes:
+        wrong = sorted(set(expected) ^ set(shapes)) or [k for k in expected if expected[k] != shapes[k]]
+        key = wrong[0]
+        raise PretrainedError(f"{path}: does not hold the tensors of {name} with its options: {key} is "
+                              f"{shapes.get(key, 'absent')} in the file, {expected.get(key, 'absent')} in the model "
+                              f"({len(wrong)} tensor(s) differ).")
+    model = build(**options)
+    state, _ = read_state_dict(path)
+    model.load_state_dict(state, strict=True)
+    log.info("pretrained: loaded %d tensors of %s from %s (segjobs export)", len(state), name, path)
+    return model
+
+
+class _bounded_registration:
+    """Stop a model's construction once it has registered more than `limit` parameters and buffers."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.handles = limit, 0, []
+
+    def _count(self, *_):
+        self.count += 1
+        if self.count > self.limit:
+            raise PretrainedError(f"the config builds a network of over {self.limit} tensors, more than the file holds.")
+
+    def __enter__(self):
+        from torch.nn.modules import module
+
+        self.handles = [module.register_module_parameter_registration_hook(self._count),
+                        module.register_module_buffer_registration_hook(self._count)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()

@@ -22,8 +22,8 @@ from torch import nn
 
 
 def build_accelerator(precision: str, grad_accum: int = 1, find_unused_parameters: bool = False,
-                      collective_timeout: timedelta = timedelta(minutes=30)):
-    """The Accelerator of this process: GPU when there is one, else CPU (gloo under torchrun).
+                      collective_timeout: timedelta = timedelta(minutes=30), cpu: bool = False):
+    """The Accelerator of this process: GPU when there is one (and `cpu` is not asked), else CPU (gloo under torchrun).
     `collective_timeout` bounds every collective of the default process group (set when it is created: the
     first Accelerator of a process decides)."""
     from accelerate import Accelerator
@@ -35,7 +35,7 @@ def build_accelerator(precision: str, grad_accum: int = 1, find_unused_parameter
     # (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, gradient_accumulation_steps=grad_accum,
+    return Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=precision, gradient_accumulation_steps=grad_accum,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
                                         InitProcessGroupKwargs(timeout=collective_timeout)])
 

@@ -64,11 +64,15 @@ def checkpoint_spec(checkpoint: Path, overrides: list[str]) -> JobSpec:
     return parse_spec(raw, str(checkpoint), overrides)
 
 
-def restore(target: str, overrides: list[str] = ()):
-    """(spec, task with the checkpoint's weights in eval mode, accelerator, checkpoint folder)."""
+def restore(target: str, overrides: list[str] = (), device: str | None = None):
+    """(spec, task with the checkpoint's weights in eval mode, accelerator, checkpoint folder). `device`: "cpu"
+    or "cuda"; default the GPU when there is one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("--device cuda: torch sees no CUDA device here; use --device cpu.")
     checkpoint = find_checkpoint(target)
     spec = checkpoint_spec(checkpoint, list(overrides))
-    accelerator = build_accelerator(spec.train.precision if torch.cuda.is_available() else "no")
+    on_gpu = torch.cuda.is_available() and device != "cpu"
+    accelerator = build_accelerator(spec.train.precision if on_gpu else "no", cpu=not on_gpu)
     spec.model.pretrained = None  # the checkpoint holds every weight
     try:
         task_class = task_for_model(spec.model.name)

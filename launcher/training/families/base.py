@@ -51,6 +51,7 @@ class Task(ABC):
     # The animation over a folder of frames (DINO: attention.gif); a family that names one also supplies the
     # classmethod frame_picture(network, image, device) -> PIL image, one frame of it. None: no animation.
     frames_name: str | None = None
+    prediction_files: tuple[str, ...] = ()  # what predictions() may return per image (`segjobs predict`)
 
     def __init__(self, spec, accelerator, horizon: Horizon):
         """`horizon` holds the steps per epoch and the schedules' length (launcher.training.schedules)."""
@@ -124,6 +125,14 @@ class Task(ABC):
     @abstractmethod
     def pictures(self, samples: list[tuple[np.ndarray, np.ndarray | None]], device) -> dict[str, Image.Image]:
         """File name -> picture of the trained model on validation samples (H x W x 3 uint8 image, label or None)."""
+
+    def predictions(self, images: list[np.ndarray], device, label_offset: int = 1) -> list[dict[str, Image.Image]]:
+        """`segjobs predict`: for each image (H x W x 3 uint8; sizes may differ), file suffix -> picture, e.g.
+        {"classes.png": ...}. `label_offset` is what the dataset adds to a class index to number its labels (1 for
+        ADE20K, whose label 0 is "other"). A family without predictions refuses."""
+        from launcher.spec import SpecError
+
+        raise SpecError(f"segjobs predict: the {self.family} family draws no predictions.")
 
     def picture_network(self) -> nn.Module:
         """The network a frame animation draws (DINO: the teacher, as in the paper's figures)."""

@@ -197,12 +197,29 @@ class DinoTask(Task):
             rows.append([shown, *(overlay(shown, np.where(m > 0, 0, IGNORE_INDEX), alpha=0.6) for m in masks)])
         return {"dino_attention.png": grid(rows)}
 
+    prediction_files = ("attention.png", "heads.png")  # segjobs predict writes <image stem>_<name>
+
+    @torch.no_grad()
+    def predictions(self, images, device, label_offset: int = 1) -> list[dict]:
+        """Per image, attention.png: the frame picture (image | mean attention of the heads | 60%-mass mask,
+        the shorter side at ATTENTION_SIZE) and heads.png: each head's attention map, of the teacher."""
+        written = []
+        for image in images:
+            shown, maps, masks = attention_views(self.picture_network(), image, device)
+            written.append({"attention.png": attention_picture(shown, maps, masks),
+                            "heads.png": grid([[shown, *(heatmap(a) for a in maps)]])})
+        return written
+
     @classmethod
     def frame_picture(cls, network, image, device) -> Image.Image:
         """image | mean attention over heads | the union of the heads' 60%-mass masks."""
-        shown, maps, masks = attention_views(network, image, device)
-        mask = np.where(masks.max(0) > 0, 0, IGNORE_INDEX)
-        return grid([[shown, heatmap(maps.mean(0)), overlay(shown, mask, alpha=0.6)]])
+        return attention_picture(*attention_views(network, image, device))
+
+
+def attention_picture(shown: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> Image.Image:
+    """image | mean attention over heads | the union of the heads' 60%-mass masks (attention_views' arrays)."""
+    mask = np.where(masks.max(0) > 0, 0, IGNORE_INDEX)
+    return grid([[shown, heatmap(maps.mean(0)), overlay(shown, mask, alpha=0.6)]])
 
 
 def colour_views(crops: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

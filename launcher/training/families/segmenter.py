@@ -20,6 +20,7 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from launcher.spec import SpecError
 from launcher.training.families.base import (NORMALIZATION, StepContext, Task, normalize, photometric_on_device, to_device,
@@ -29,6 +30,7 @@ from launcher.training.metrics import IGNORE_INDEX, SegmentationMetric
 from launcher.training.pictures import grid, overlay, to_batch
 from models.pretrained import normalization_of
 from models.segmenter import sliding_window_logits
+from shards.ade20k import COLOURS
 from shards.photometric import mmseg_photometric
 from shards.transforms import SegmenterTrain, WholeImage, rescale_size
 
@@ -146,6 +148,30 @@ class SegmenterTask(Task):
         """image | prediction (in the evaluation mode, slide unless set), each class in its colour."""
         prediction = self.predict(self.normalize(to_batch(image, image.shape[:2], device))).argmax(1)[0].cpu().numpy()
         return grid([[image, overlay(image, prediction)]])
+
+    prediction_files = ("classes.png", "labels.png")  # segjobs predict writes <image stem>_<name>
+
+    @torch.no_grad()
+    def predictions(self, images, device, label_offset: int = 1) -> list[dict]:
+        """Per image, in the evaluation mode (slide unless set), the class map as the dataset numbers its labels
+        (class k -> label k + label_offset): classes.png with ADE20K's colours (a palette PNG: the pixel values
+        are the labels) and labels.png (greyscale, the same values; 16-bit beyond 255). One image at a time:
+        the sliding windows of one image already go through the network together."""
+        written = []
+        for image in images:
+            classes = self.predict(self.normalize(to_batch(image, image.shape[:2], device))).argmax(1)[0].cpu().numpy()
+            written.append(label_pictures(classes.astype(np.int64) + label_offset))
+        return written
+
+
+def label_pictures(labels: np.ndarray) -> dict[str, Image.Image]:
+    """classes.png (palette: label k in ADE20K's colour k, label 0 black) and labels.png of a label map."""
+    if labels.max(initial=0) > 255:  # a palette PNG holds 256 labels at most
+        return {"labels.png": Image.fromarray(labels.astype(np.uint16))}
+    classes = Image.fromarray(labels.astype(np.uint8), mode="P")
+    colours = [0, 0, 0, *(value for colour in COLOURS for value in colour)]
+    classes.putpalette(colours + [0] * (768 - len(colours)))
+    return {"classes.png": classes, "labels.png": Image.fromarray(labels.astype(np.uint8), mode="L")}
 
 
 def zero_padding(images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

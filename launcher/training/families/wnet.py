@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from launcher.training.families.base import StepContext, Task, make_optimizer, param_groups, to_device
 from launcher.training.families.registry import register_family
 from launcher.training.metrics import SegmentationMetric
 from launcher.training.parallel import unwrap
-from launcher.training.pictures import colourize, grid, to_batch
+from launcher.training.pictures import colourize, grid, palette, to_batch
 from models.crf import dense_crf, merge_segments
 from models.wnet import Module as UNetModule
 from models.wnet import reconstruction_loss, soft_ncut_loss
@@ -127,6 +129,26 @@ class WNetTask(Task):
         """image | segments | reconstruction. The segments are U-Enc's K clusters as they are: post-processing
         (the CRF, the merging) numbers its segments anew on every frame, so their colours would flicker."""
         return grid([self.tiles(image, device, postprocess=False)])
+
+    prediction_files = ("segments.png",)  # segjobs predict writes <image stem>_<name>
+
+    @torch.no_grad()
+    def predictions(self, images, device, label_offset: int = 1) -> list[dict]:
+        """Per image, segments.png: a palette PNG whose pixel values are the segment indices (0 .. K-1, after
+        wnet.postprocess when set) and whose colours are the pictures' cluster colours. Images of one size go
+        through U-Enc together."""
+        written: list[dict | None] = [None] * len(images)
+        postprocess = self.spec.wnet.postprocess != "none"
+        for size in dict.fromkeys(image.shape[:2] for image in images):
+            indices = [i for i, image in enumerate(images) if image.shape[:2] == size]
+            batch = torch.cat([to_batch(images[i], size, device) for i in indices])
+            probs, _ = self.model(batch.float() / 255.0, decode=False)
+            for row, i in enumerate(indices):
+                segments = self.postprocess(probs[row].float(), batch[row]) if postprocess else probs[row].argmax(0)
+                picture = Image.fromarray(segments.cpu().numpy().astype(np.uint8), mode="P")
+                picture.putpalette(np.roll(palette(256), -1, axis=0).ravel().tolist())  # colourize(offset=1)'s colours
+                written[i] = {"segments.png": picture}
+        return written
 
     def tiles(self, image, device, postprocess: bool) -> list:
         """[image, segments in the cluster colours, reconstruction] for one H x W x 3 uint8 image; W-Net pads to
