@@ -243,7 +243,8 @@ def build_exported(path: str | Path, exported: tuple[dict, dict], name: str, bui
     """The network of a `segjobs export` file (`exported`: read_export's answer): built with the file's options (those passed here win), checked
     against the file's tensor names and shapes on the meta device first (no memory; the build is stopped once it
     registers more tensors than the file holds, so a config asking for a huge network costs nothing), then built
-    for real and loaded strictly: every tensor, no resizing."""
+    for real and loaded strictly: every tensor, no resizing. The options are as trusted as a spec's
+    model.options: a constructor's own arithmetic on them (W-Net's widths, 2^levels) is not bounded here."""
     path, (config, shapes) = resolve(path), exported
     if config["model"] != name:
         raise PretrainedError(f"{path}: exported from {config['model'][:60]!r}, not {name!r}; "
