@@ -94,9 +94,10 @@ def test_runs_named_directly_show_the_spec_keys_that_differ(tmp_path, capsys):
     spec = {"name": "a", "seed": 0, "optim": {"lr": 0.1, "kind": "adamw"}, "output_dir": "/x/a"}
     plant_run(tmp_path, "a", [], [1.0, 0.5], [{"miou": 0.2}], spec=spec)
     plant_run(tmp_path, "b", [], [2.0, 0.7], [{"miou": 0.3}],
-              spec={**spec, "name": "b", "output_dir": "/x/b", "optim": {"lr": 0.2, "kind": "adamw"}})
+              spec={**spec, "name": "b", "output_dir": "/x/b", "seed": 1, "optim": {"lr": 0.2, "kind": "adamw"}})
     report = compare_json(capsys, tmp_path / "a", tmp_path / "b")
-    assert report["axes"] == ["optim.lr"] and report["points"] is None
+    assert report["axes"] == ["optim.lr", "seed"]
+    assert report["points"] is None  # no two runs differ only in their seed: nothing folds
     assert [r["axes"]["optim.lr"] for r in report["runs"]] == ["0.1", "0.2"]
     assert [r["latest"] for r in report["runs"]] == [pytest.approx(0.2), pytest.approx(0.3)]
 

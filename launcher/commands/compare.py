@@ -352,6 +352,8 @@ def plot(curves: list[tuple[str, Curves]], metric: str, out: Path, metric_title:
 def main(targets: list[str], metric: str = "miou", as_json: bool = False, plot_path: Path | None = None) -> int:
     found, curves, notes = results(targets, metric)
     folded = fold_seeds(found) if any(SEED in r.axes for r in found) else None
+    if folded is not None and all(len(point["runs"]) == 1 for point in folded):
+        folded = None  # no two runs differ only in their seed: nothing to fold
     if plot_path is not None:
         if plot_path.suffix.lower() != ".png":
             raise SpecError(f"--plot {plot_path}: expected a .png file name.")
