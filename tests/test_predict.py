@@ -97,6 +97,9 @@ def test_a_missing_or_broken_image_is_refused_before_anything_is_written(trained
     assert predict(trained["wnet"], [images[0], tmp_path / "absent.png"], tmp_path / "out") == 2
     assert f"{tmp_path / 'absent.png'}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        assert predict(trained["wnet"], images, tmp_path / "out", "--device", "cuda") == 2
+        assert "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err
 
 
 def test_files_segjobs_did_not_write_are_never_replaced(trained, images, tmp_path, capsys):

@@ -29,6 +29,7 @@ import os
 import re
 import statistics
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -270,11 +271,8 @@ def fold_seeds(found: list[Result]) -> list[dict]:
         points.setdefault(tuple((k, v) for k, v in result.axes.items() if k != SEED), []).append(result)
     folded = []
     for key, members in points.items():
-        states: dict[str, int] = {}
-        for member in members:
-            states[member.state] = states.get(member.state, 0) + 1
         folded.append({"axes": dict(key), "seeds": [m.axes.get(SEED) for m in members], "runs": [m.name for m in members],
-                       "states": states, "steps": [min(m.step for m in members), max(m.step for m in members)],
+                       "states": dict(Counter(m.state for m in members)), "steps": [min(m.step for m in members), max(m.step for m in members)],
                        "total_steps": max((m.total_steps or 0 for m in members), default=0) or None,
                        "loss": spread([m.loss for m in members]), "best": spread([m.best for m in members]),
                        "latest": spread([m.latest for m in members])})

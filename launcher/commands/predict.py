@@ -95,8 +95,7 @@ def read_record(out: Path, force: bool) -> dict[str, str]:
 
 
 def check_out(out: Path, names: list[str], record: dict[str, str], force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PredictError(f"--out {out}: a file, not a folder.")
+    """Refuse when a file of `names` is in `out` and the record does not list it with its current content."""
     if force:
         return
     foreign = [n for n in names if (out / n).exists()
@@ -136,6 +135,8 @@ def predict(target: str, images: list[Path], out: Path, batch_size: int = 8, dev
     from launcher.training.restore import restore
 
     check_images(images)
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"--out {out}: a file, not a folder.")
     record = read_record(out, force) if out.is_dir() else {}
     spec, task, accelerator, _ = restore(target, overrides, device)
     if not task.prediction_files:

@@ -35,6 +35,7 @@ ATTENTION_SIZE = 224  # pictures: the shorter side, as in the paper's figures (a
 class DinoTask(Task):
     shortcut_spec = "jobs/dino_vits8.yaml"
     frames_name = "attention.gif"
+    prediction_files = ("attention.png", "heads.png")  # segjobs predict writes <image stem>_<name>
     supervised = False
 
     def __init__(self, spec, accelerator, horizon):
@@ -196,8 +197,6 @@ class DinoTask(Task):
             rows.append([shown, *(heatmap(a) for a in maps)])
             rows.append([shown, *(overlay(shown, np.where(m > 0, 0, IGNORE_INDEX), alpha=0.6) for m in masks)])
         return {"dino_attention.png": grid(rows)}
-
-    prediction_files = ("attention.png", "heads.png")  # segjobs predict writes <image stem>_<name>
 
     @torch.no_grad()
     def predictions(self, images, device, label_offset: int = 1) -> list[dict]:

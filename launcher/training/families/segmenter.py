@@ -43,6 +43,7 @@ log = logging.getLogger("segjobs.train")
 class SegmenterTask(Task):
     eval_modes = ("slide", "whole", "ms-flip")  # slide: the protocol segm evaluates with, in training too
     shortcut_spec = "jobs/segmenter_tiny16.yaml"
+    prediction_files = ("classes.png", "labels.png")  # segjobs predict writes <image stem>_<name>
 
     def __init__(self, spec, accelerator, horizon):
         super().__init__(spec, accelerator, horizon)
@@ -148,8 +149,6 @@ class SegmenterTask(Task):
         """image | prediction (in the evaluation mode, slide unless set), each class in its colour."""
         prediction = self.predict(self.normalize(to_batch(image, image.shape[:2], device))).argmax(1)[0].cpu().numpy()
         return grid([[image, overlay(image, prediction)]])
-
-    prediction_files = ("classes.png", "labels.png")  # segjobs predict writes <image stem>_<name>
 
     @torch.no_grad()
     def predictions(self, images, device, label_offset: int = 1) -> list[dict]:

@@ -31,6 +31,7 @@ class WNetTask(Task):
     supports_grad_accum = False  # two optimizer steps per batch
     channels_last = True  # faster convolutions on GPUs
     shortcut_spec = "jobs/wnet.yaml"
+    prediction_files = ("segments.png",)  # segjobs predict writes <image stem>_<name>
 
     def __init__(self, spec, accelerator, horizon):
         super().__init__(spec, accelerator, horizon)
@@ -129,8 +130,6 @@ class WNetTask(Task):
         """image | segments | reconstruction. The segments are U-Enc's K clusters as they are: post-processing
         (the CRF, the merging) numbers its segments anew on every frame, so their colours would flicker."""
         return grid([self.tiles(image, device, postprocess=False)])
-
-    prediction_files = ("segments.png",)  # segjobs predict writes <image stem>_<name>
 
     @torch.no_grad()
     def predictions(self, images, device, label_offset: int = 1) -> list[dict]:
