@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,7 +286,7 @@ def dependency_on(name: str) -> str | None:
     seen = queue.poll_slurm([job["job_id"]]).job(job)
     state = seen.state if seen is not None else record.get("state", "UNKNOWN")
     if state == runs.COMPLETED:
-        log.info("--after %s: its job %s has completed; nothing to wait for", label, job["job_id"])
+        print(f"segjobs: --after {label}: its job {job['job_id']} has completed; nothing to wait for", file=sys.stderr)
         return None
     if state not in runs.ACTIVE_STATES:
         raise InputError(f"--after {name}: run {label}'s job {job['job_id']} is {state}, so a job waiting for it to "
