@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -135,15 +136,13 @@ def main(target: str, split: str, mode: str, as_json: bool, overrides: list[str]
 
 
 class EvaluationJob:
-    """What an evaluation job runs (`segjobs eval RUN --submit`): `evaluate` in one task. Submitit pickles it on
-    the login node, which does not import torch for it."""
+    """What an evaluation job runs (`segjobs eval RUN --submit`): `evaluate` in one task, on the checkpoint
+    that is the latest when the job starts (or the one named). Submitit pickles it; it imports torch only there."""
 
     def __init__(self, target: str, split: str, mode: str | None, overrides: list[str]):
         self.target, self.split, self.mode, self.overrides = target, split, mode, list(overrides)
 
     def __call__(self) -> str:
-        import os
-
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         report = evaluate(self.target, self.split, self.mode, self.overrides)
         for key, label in summary_rows(report):
@@ -168,7 +167,7 @@ def evaluation_spec(spec: JobSpec, overrides: list[str], profile_name: str | Non
     if profile is not None:
         resources.update({key: value for key, value in profile.values.items() if key in SITE_KEYS})
     raw["name"] = f"{spec.name}-eval"
-    return parse_spec(raw, source, overrides)
+    return parse_spec(raw, source, overrides)  # --set once more: it wins over the profile too
 
 
 def submit(target: str, split: str, mode: str | None, overrides: list[str], profile_name: str | None) -> int:
