@@ -10,6 +10,8 @@
     segjobs train jobs/demo_segmenter.yaml --set train.max_steps=100
     segjobs plan jobs/dino_vits16.yaml --world-size 16 --plot plan.png
     segjobs submit jobs/dino_vits8.yaml --set resources.partition=gpu
+    segjobs profiles; segjobs submit jobs/dino_vits8.yaml --profile lab --dry-run
+    segjobs submit jobs/segmenter_tiny16.yaml --after dino_vits8; segjobs eval dino_vits8 --submit
     segjobs visualize demo_dino --video data/clip.mp4 --fps 6
     segjobs status --watch
     segjobs compare runs/demo_wnet-sweep --metric many_to_one_miou --plot sweep.png
@@ -127,7 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "(several when SLURM's MaxArraySize is smaller); recorded in <name>-sweep/sweep.json")
     submit.add_argument("--max-parallel", type=positive_int, default=None, metavar="N",
                         help="run at most N tasks of a sweep's array at once (--array=0-K%%N)")
-    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the sbatch script, and where each resources value came from; submit nothing")
+    submit.add_argument("--profile", metavar="NAME",
+                        help="a cluster profile of $SEGJOBS_HOME/clusters.yaml (default: the file's `default:`); "
+                             "only keys written in the spec or given with --set override it")
+    submit.add_argument("--after", metavar="RUN",
+                        help="start once RUN's current job has completed (SLURM --dependency=afterok; its latest "
+                             "job after any resume)")
+
+    listing_profiles = commands.add_parser("profiles", help="list the cluster profiles of $SEGJOBS_HOME/clusters.yaml")
+    listing_profiles.add_argument("--json", action="store_true", help="the file, its default and every profile as JSON")
 
     planning = commands.add_parser("plan", parents=[overriding],
                                    help="what a spec will do: batch, steps, epochs, peak lr, every schedule (before any GPU hour)")
@@ -176,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--mode", choices=["whole", "slide", "ms-flip"], default=None,
                             help="Segmenter: sliding windows (the reference's protocol, its default), whole images or multi-scale + flip")
     evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluation.add_argument("--submit", action="store_true",
+                            help="run the evaluation as its own small SLURM job (one task, at most one GPU; the run's "
+                                 "partition and account), after the run's job when that is still live; the report "
+                                 "goes to the run's eval/ and `segjobs status` shows its score")
+    evaluation.add_argument("--profile", metavar="NAME",
+                            help="with --submit: take partition, account, setup, ... from this cluster profile")
 
     pictures = commands.add_parser("visualize", parents=[overriding],
                                    help="pictures of a trained model (PNG grids, attention GIF, curves)")
@@ -283,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
         from launcher.cluster import submit
 
         if args.command == "submit":
-            return submit.submit(args.spec, args.cluster, args.overrides, args.sweep, args.dry_run, args.max_parallel)
+            return submit.submit(args.spec, args.cluster, args.overrides, args.sweep, args.dry_run, args.max_parallel,
+                                 args.profile, args.after)
         if args.command == "resume":
             return submit.resume(args.run, args.cluster)
         return submit.cancel(args.run)
@@ -301,9 +320,19 @@ def run(args: argparse.Namespace) -> int:
         from launcher.commands import compare
 
         return compare.main(args.targets, args.metric, args.json, args.plot)
+    if args.command == "profiles":
+        from launcher.cluster import profiles
+
+        return profiles.show(args.json)
     if args.command == "eval":
         from launcher.commands import eval as evaluation
 
+        if args.submit:
+            return evaluation.submit(args.target, args.split, args.mode, args.overrides, args.profile)
+        if args.profile:
+            from launcher.errors import InputError
+
+            raise InputError("eval --profile NAME: the profile chooses where an evaluation job runs; add --submit.")
         return evaluation.main(args.target, args.split, args.mode, args.json, args.overrides)
     if args.command == "visualize":
         from launcher.commands import visualize

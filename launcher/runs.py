@@ -5,10 +5,13 @@ transitions below (submitted, started, requeued, completed, failed, cancelled, s
     name, model, cluster ("slurm" | "local" | "foreground"), state (SUBMITTED, RUNNING, REQUEUED,
     COMPLETED, FAILED, CANCELLED, TIMEOUT), error, spec (the resolved spec of the latest submission),
     nodes, gpus_per_node, tasks, timeout_min, total_steps, global_batch,
-    submissions: [{job_id, time, cluster, log_folder, overrides, pid_start (local jobs)}],
+    submissions: [{job_id, time, cluster, log_folder, overrides, job_name, pid_start (local jobs),
+                   profile (the cluster profile merged into the spec's resources), after (afterok:JOB or null)}],
     starts: [{job_id, time, restart_count, world_size, host, pid, pid_start}],
     requeues: [{job_id, time, reason, step}],
-    faults: [{job_id, restart_count, time, kind, step, rank, host, detail, requeued}]
+    faults: [{job_id, restart_count, time, kind, step, rank, host, detail, requeued}],
+    evaluations: [{job_id, time, cluster, log_folder, job_name, target, split, mode, after}]  (`segjobs eval --submit`)
+Fields added later (profile, after, evaluations) are optional: older records read as before.
 A run.json that is not such a record (damaged, edited) reads as UnreadableRunError; the next transition
 renames it aside and starts a new one.
 
@@ -130,7 +133,7 @@ def _read_json(path: Path, check: Callable[[Any], str | None]) -> Any:
 def _run_record_problem(record: Any) -> str | None:
     if not isinstance(record, dict):
         return f"a JSON object was expected, found {type(record).__name__}"
-    for key in ("submissions", "starts", "requeues", "faults"):
+    for key in ("submissions", "starts", "requeues", "faults", "evaluations"):
         entries = record.get(key, [])
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             return f"{key} must be a list of objects"
@@ -140,6 +143,13 @@ def _run_record_problem(record: Any) -> str | None:
                 or not all(isinstance(o, str) for o in entry["overrides"])
                 or not isinstance(entry.get("job_name", ""), str)):
             return "a submission needs a job_id, a cluster (slurm or local), a log_folder and a list of overrides"
+        if not all(isinstance(entry.get(key), (str, type(None))) for key in ("profile", "after")):
+            return "a submission's profile and after are strings or null"
+    for entry in record.get("evaluations", []):
+        if (not isinstance(entry.get("job_id"), str) or not isinstance(entry.get("job_name"), str)
+                or not all(isinstance(entry.get(key), (str, type(None))) for key in ("split", "mode", "after"))
+                or not isinstance(entry.get("time"), (int, float))):
+            return "an evaluation needs a job_id, a job_name and a time"
     for key in ("name", "state", "model", "error", "cluster"):
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"{key} must be a string"
@@ -250,6 +260,12 @@ def faulted(run_dir: Path, fault: dict, max_faults: int) -> tuple[bool, bool]:
 
     _update(run_dir, change)
     return outcome
+
+
+def evaluation_submitted(run_dir: Path, evaluation: dict) -> dict:
+    """An evaluation job was submitted for this run (`segjobs eval --submit`): `evaluation` is {job_id, time,
+    cluster, log_folder, job_name, target, split, mode, after}. The run's own state is left as it is."""
+    return _append(run_dir, "evaluations", evaluation)
 
 
 def completed(run_dir: Path) -> dict:

@@ -155,6 +155,7 @@ class ResourcesSpec(Section):
     max_faults: int = Field(3, ge=0, description="Requeues after a fault (a rank lost or a collective timed out, a stalled step), per submission; separate from max_requeues. The next fault fails the run.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before the job (module load, conda activate).")
     sbatch: dict[str, str] = Field(default_factory=dict, description="Extra sbatch options, without the leading --.")
+    srun_args: list[str] = Field(default_factory=list, description="Extra arguments of the srun that starts the tasks (containers: pyxis' --container-image=IMAGE, --container-mounts=...).")
 
 
 class JobSpec(Section):
@@ -223,9 +224,8 @@ def resume_conflict(saved: dict, spec: JobSpec) -> str | None:
     return f"{', '.join(changed)} changed since the checkpoint ({differences})"
 
 
-def _fields_at(path: tuple[str | int, ...]) -> list[str]:
-    """The field names of the section at `path` in the schema (for "did you mean")."""
-    model: type[BaseModel] = JobSpec
+def _fields_at(path: tuple[str | int, ...], model: type[BaseModel] = JobSpec) -> list[str]:
+    """The field names of the section at `path` in the schema `model` (for "did you mean")."""
     for key in path:
         field = model.model_fields.get(str(key))
         annotation = getattr(field, "annotation", None)
@@ -235,13 +235,14 @@ def _fields_at(path: tuple[str | int, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(source: str, error: dict) -> str:
-    path = ".".join(str(p) for p in error["loc"])
+def explain(source: str, error: dict, model: type[BaseModel] = JobSpec, prefix: str = "") -> str:
+    """One pydantic error of `model` as a sentence naming `source` and the key path (`prefix` + the error's)."""
+    path = prefix + ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         *parent, key = error["loc"]
-        close = difflib.get_close_matches(str(key), _fields_at(tuple(parent)), n=1)
-        hint = f"; did you mean {'.'.join(map(str, [*parent, close[0]]))}?" if close else ""
-        allowed = ", ".join(_fields_at(tuple(parent)))
+        close = difflib.get_close_matches(str(key), _fields_at(tuple(parent), model), n=1)
+        hint = f"; did you mean {prefix}{'.'.join(map(str, [*parent, close[0]]))}?" if close else ""
+        allowed = ", ".join(_fields_at(tuple(parent), model))
         return f"{source}: unknown key {path}{hint} (allowed here: {allowed})."
     if error["type"] == "missing":
         return f"{source}: {path} is required but missing."
@@ -282,7 +283,7 @@ def parse_spec(raw: Any, source: str, overrides: list[str] = ()) -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(" ".join(_explain(source, e) for e in exc.errors())) from None
+        raise SpecError(" ".join(explain(source, e) for e in exc.errors())) from None
 
 
 def read_spec_file(path: str | Path) -> Any:

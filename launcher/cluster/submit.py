@@ -4,6 +4,8 @@
     segjobs submit jobs/demo_segmenter.yaml --cluster local --set train.max_steps=50
     segjobs submit jobs/demo_segmenter.yaml --sweep optim.lr=0.01,0.001 --sweep seed=0,1   # one array, 4 runs
     segjobs submit jobs/dino_vits8.yaml --dry-run                         # print the sbatch script only
+    segjobs submit jobs/dino_vits8.yaml --profile lab                     # resources from $SEGJOBS_HOME/clusters.yaml
+    segjobs submit jobs/segmenter_tiny16.yaml --after dino_vits8          # starts once that run's job completed
     segjobs resume dino_vits8                                             # resubmit from the latest checkpoint
 
 This is the login node's layer of three, as in submitit: launcher.cluster.sbatch (pure: spec -> sbatch options and
@@ -26,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +37,10 @@ import submitit
 
 from launcher import checkpoint as layout
 from launcher import runlock, runs
-from launcher.cluster import queue
+from launcher.cluster import profiles, queue
 from launcher.cluster.job import TrainingJob
 from launcher.cluster.sbatch import check_sbatch_safe, sbatch_script, slurm_parameters, tasks_per_node
-from launcher.errors import WorkFailed
+from launcher.errors import InputError, WorkFailed
 from launcher.spec import JobSpec, SpecError, apply_override, check_environment, parse_spec, read_spec_file, resume_conflict
 
 log = logging.getLogger("segjobs.submit")
@@ -53,6 +56,8 @@ class Submission:
     spec: JobSpec
     overrides: list[str] = field(default_factory=list)
     job_id: str = ""
+    profile: str | None = None  # the cluster profile merged into spec.resources
+    sources: dict[str, str] = field(default_factory=dict)  # resources key -> "--set", "spec", "profile NAME", "default"
 
 
 def choose_cluster(cluster: str) -> str:
@@ -82,15 +87,20 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def load_points(spec_path: str, overrides: list[str], sweeps: list[str]) -> tuple[list[Submission], Path]:
-    """One resolved spec per sweep point (paths made absolute: the job may start in another folder), and the
-    submitit folder: the run's logs/, or <name>-sweep/logs beside the runs of a sweep."""
+def load_points(spec_path: str, overrides: list[str], sweeps: list[str],
+                profile_name: str | None = None) -> tuple[list[Submission], Path]:
+    """One resolved spec per sweep point (paths made absolute: the job may start in another folder), with the
+    cluster profile (`profile_name`, else clusters.yaml's default) under its resources; and the submitit
+    folder: the run's logs/, or <name>-sweep/logs beside the runs of a sweep."""
     raw = read_spec_file(spec_path)
-    base = parse_spec(copy.deepcopy(raw), spec_path, overrides)
+    profile = profiles.select(profile_name)
+    merged = copy.deepcopy(raw)
+    profiles.merge(merged, profile)
+    base = parse_spec(copy.deepcopy(merged), spec_path, overrides)
     points = sweep_points(sweeps) if sweeps else [[]]
     submissions = []
     for index, point in enumerate(points):
-        edited = copy.deepcopy(raw)
+        edited = copy.deepcopy(merged)
         for assignment in [*overrides, *point]:
             apply_override(edited, assignment, spec_path)
         if sweeps:
@@ -99,7 +109,8 @@ def load_points(spec_path: str, overrides: list[str], sweeps: list[str]) -> tupl
                 edited["output_dir"] = str(base.output_dir.with_name(f"{base.output_dir.name}-{index}"))
         spec = absolute(parse_spec(edited, spec_path))
         check_environment(spec, spec_path)
-        submissions.append(Submission(spec, [*overrides, *point]))
+        found = profiles.sources(raw, profile, [*overrides, *point], list(spec.resources.sbatch))
+        submissions.append(Submission(spec, [*overrides, *point], profile=profile and profile.name, sources=found))
     base_dir = absolute(base).run_dir
     folder = base_dir.with_name(f"{base_dir.name}-sweep") / "logs" if sweeps else base_dir / "logs"
     return submissions, folder
@@ -141,11 +152,12 @@ def check_resumable(spec: JobSpec, source: str) -> None:
             raise SpecError(f"{source}: cannot resume {latest}: {conflict}. Use another name or output_dir for a new run.")
 
 
-def make_executor(cluster: str, folder: Path, spec: JobSpec, max_parallel: int | None = None):
+def make_executor(cluster: str, folder: Path, spec: JobSpec, max_parallel: int | None = None,
+                  dependency: str | None = None):
     resources = spec.resources
     if cluster == "slurm":
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues)
-        executor.update_parameters(**slurm_parameters(spec))
+        executor.update_parameters(**slurm_parameters(spec, dependency))
         if max_parallel:
             executor.update_parameters(array_parallelism=max_parallel)  # --array=0-K%N
         return executor
@@ -179,9 +191,10 @@ def refusal_hint(message: str) -> str:
 
 
 def submit_all(submissions: list[Submission], folder: Path, cluster: str, source: str,
-               max_parallel: int | None = None) -> list[Submission]:
+               max_parallel: int | None = None, dependency: str | None = None) -> list[Submission]:
     """Submit one job (or one array for several submissions), then record each run. Nothing is recorded when
-    the scheduler refuses, and a run directory this call created is removed again."""
+    the scheduler refuses, and a run directory this call created is removed again. `dependency`: sbatch's
+    --dependency (afterok:JOB), SLURM only."""
     from submitit.core.utils import FailedJobError
 
     for item in submissions:
@@ -190,7 +203,7 @@ def submit_all(submissions: list[Submission], folder: Path, cluster: str, source
         check_not_running(item.spec.run_dir)
         check_resumable(item.spec, source)
     created = [p for p in {folder.parent, *(s.spec.run_dir for s in submissions)} if not p.exists()]
-    executor = make_executor(cluster, folder, submissions[0].spec, max_parallel)
+    executor = make_executor(cluster, folder, submissions[0].spec, max_parallel, dependency)
     jobs = []
     refused = io.StringIO()
     try:
@@ -205,16 +218,16 @@ def submit_all(submissions: list[Submission], folder: Path, cluster: str, source
         raise SubmitError(f"SLURM refused {source}: {message}\n{refusal_hint(message)}") from None
     for item, job in zip(submissions, jobs):
         item.job_id = str(job.job_id)
-        record_submission(item, cluster, folder, job_name=submissions[0].spec.name)
+        record_submission(item, cluster, folder, job_name=submissions[0].spec.name, dependency=dependency)
     return submissions
 
 
-def record_submission(item: Submission, cluster: str, folder: Path, job_name: str) -> None:
+def record_submission(item: Submission, cluster: str, folder: Path, job_name: str, dependency: str | None = None) -> None:
     """`job_name` is the name sbatch was given (an array's, the first run's): with the time it tells this job
     from a later one that gets the same id (see queue.SlurmView.job)."""
     spec = item.spec
     submission = {"job_id": item.job_id, "time": time.time(), "cluster": cluster, "log_folder": str(folder),
-                  "overrides": item.overrides, "job_name": job_name}
+                  "overrides": item.overrides, "job_name": job_name, "profile": item.profile, "after": dependency}
     if cluster == "local":  # the job id is the controller's pid: with its start time, it names that process only
         submission["pid_start"] = runs.process_start_time(int(item.job_id))
     runs.submitted(spec.run_dir, submission,
@@ -224,25 +237,61 @@ def record_submission(item: Submission, cluster: str, folder: Path, job_name: st
 
 
 def submit(spec_path: str, cluster: str = "auto", overrides: list[str] = (), sweeps: list[str] = (),
-           dry_run: bool = False, max_parallel: int | None = None) -> int:
-    submissions, folder = load_points(spec_path, list(overrides), list(sweeps))
+           dry_run: bool = False, max_parallel: int | None = None, profile: str | None = None,
+           after: str | None = None) -> int:
+    """`after`: a run whose current job must complete first (sbatch --dependency=afterok:JOB)."""
+    submissions, folder = load_points(spec_path, list(overrides), list(sweeps), profile)
+    if not dry_run:
+        cluster = choose_cluster(cluster)
+        if after and cluster != "slurm":
+            raise InputError(f"--after {after}: the {cluster} executor cannot wait for another job; --after needs "
+                             "SLURM (a login node, or --cluster slurm).")
+    dependency = dependency_on(after) if after else None
     if dry_run:
         for item in submissions:
             check_sbatch_safe(item.spec, folder)
         array = len(submissions) if len(submissions) > 1 else None
-        print(sbatch_script(submissions[0].spec, folder, array_size=array, max_parallel=max_parallel), end="")
+        first = submissions[0]
+        print(sbatch_script(first.spec, folder, array_size=array, max_parallel=max_parallel, dependency=dependency))
+        print(profiles.provenance_comment(first.spec.resources, first.sources, first.profile), end="")
         return 0
-    cluster = choose_cluster(cluster)
     # A sweep over SLURM's MaxArraySize goes as several arrays, each throttled to max_parallel.
     size = max_array_size() if cluster == "slurm" else len(submissions)
     done = []
     for first in range(0, len(submissions), size):
-        done += submit_all(submissions[first:first + size], folder, cluster, spec_path, max_parallel)
+        done += submit_all(submissions[first:first + size], folder, cluster, spec_path, max_parallel, dependency)
     if sweeps:
         write_sweep(folder.parent / "sweep.json", spec_path, sweeps, done)
     for item in done:
         print(f"{item.spec.name}\tjob {item.job_id}\t{cluster}\t{item.spec.run_dir}")
     return 0
+
+
+def dependency_on(name: str) -> str | None:
+    """sbatch's --dependency for `--after RUN`: afterok on the run's current job (its latest submission, so
+    after a resume the resumed job); None when that job has completed already (nothing to wait for).
+    InputError (exit 2) when the run has no SLURM job that is live or completed.
+
+    Note: a job that ends otherwise (failed, cancelled, out of requeues) never releases the jobs waiting
+    for it: SLURM shows them PENDING (DependencyNeverSatisfied) until they are cancelled."""
+    run_dir = runs.resolve_run(name)
+    record = runs.read_run(run_dir)
+    job = runs.latest_job(record)
+    label = record.get("name", name)
+    if job is None or job["cluster"] != "slurm":
+        how = "has no submitted job" if job is None else f"ran with the {job['cluster']} executor"
+        raise InputError(f"--after {name}: run {label} {how}; --after waits for a SLURM job.")
+    if not queue.valid_slurm_job_id(job["job_id"]):
+        raise runs.RunError(f"{run_dir / 'run.json'}: job id {job['job_id'][:40]!r} is not a SLURM job id.")
+    seen = queue.poll_slurm([job["job_id"]]).job(job)
+    state = seen.state if seen is not None else record.get("state", "UNKNOWN")
+    if state == runs.COMPLETED:
+        print(f"segjobs: --after {label}: its job {job['job_id']} has completed; nothing to wait for", file=sys.stderr)
+        return None
+    if state not in runs.ACTIVE_STATES:
+        raise InputError(f"--after {name}: run {label}'s job {job['job_id']} is {state}, so a job waiting for it to "
+                         f"complete would never start. Resume it first (`segjobs resume {label}`), then submit --after it.")
+    return f"afterok:{job['job_id']}"
 
 
 def max_array_size() -> int:
@@ -282,7 +331,9 @@ def resume(name: str, cluster: str | None = None) -> int:
     job = runs.latest_job(record)
     cluster = choose_cluster(cluster or (job["cluster"] if job else "auto"))
     folder = run_dir / "logs"  # its own, also for a run of a sweep (the recorded folder is not trusted to write in)
-    item, = submit_all([Submission(spec, job["overrides"] if job else [])], folder, cluster, source)
+    # The recorded spec holds the resources merged at submission: the profile is not read again.
+    again = Submission(spec, job["overrides"] if job else [], profile=job.get("profile") if job else None)
+    item, = submit_all([again], folder, cluster, source)
     print(f"{spec.name}\tjob {item.job_id}\t{cluster}\t{spec.run_dir}")
     return 0
 

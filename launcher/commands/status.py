@@ -5,15 +5,18 @@
     segjobs status dino_vits8 --watch   # refresh until every shown run has finished
     segjobs logs dino_vits8 --follow --rank 1
 
-One refresh reads each run's run.json, the tail of metrics.jsonl and its checkpoint folder names, and asks
-SLURM once for all jobs together (one sacct call). A run whose job has left sacct's window shows the last
+One refresh reads each run's run.json, the tail of metrics.jsonl, its checkpoint folder names and at most two
+evaluation reports (the training's latest and the newest `segjobs eval` report: the mIoU column shows both), and
+asks SLURM once for all jobs together (one sacct call), evaluation jobs included. A run whose job has left sacct's window shows the last
 state recorded in run.json (status writes SLURM's final state there when it sees it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import stat
 import sys
 import time
@@ -23,8 +26,13 @@ from pathlib import Path
 from launcher import checkpoint as layout
 from launcher import runs
 from launcher.cluster import queue
+from launcher.files import read_bounded
 
 RECENT_S = 7 * 86400
+# eval/step_NNNNNNNN.json: the trainer's evaluation (or `segjobs eval` in the default split and mode, which writes
+# the same numbers there); eval/step_NNNNNNNN_<split>_<mode>.json: `segjobs eval` in another split or mode.
+REPORT_NAME = re.compile(r"step_(\d{8})(_[A-Za-z0-9_.-]+)?\.json")
+MAX_REPORT_BYTES = 1 << 20  # a report with 150 class names and IoUs is ~10 kB
 
 
 @dataclass
@@ -50,6 +58,11 @@ class Row:
     faults: int = 0
     checkpoint_age_s: float | None = None
     error: str | None = None
+    miou: float | None = None  # the training's latest evaluation
+    eval_miou: float | None = None  # the newest `segjobs eval` report (it may be the same file)
+    eval_mode: str | None = None
+    eval_step: int | None = None
+    eval_state: str | None = None  # the latest evaluation job's state while it has not completed
 
     @property
     def active(self) -> bool:
@@ -75,6 +88,40 @@ def last_training_record(path: Path, tail_bytes: int = 16384) -> dict | None:
         if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float)):
             return record
     return None
+
+
+def read_report(path: Path) -> dict | None:
+    """An evaluation report's step, miou and mode (None for `segjobs eval`'s own reports' absent mode); None when
+    the file is not a report (damaged, edited, too large)."""
+    try:
+        report = json.loads(read_bounded(path, MAX_REPORT_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    miou = report.get("miou") if isinstance(report, dict) else None
+    if not isinstance(miou, (int, float)) or isinstance(miou, bool) or not math.isfinite(miou):
+        return None
+    mode = report.get("mode")
+    return {"miou": float(miou), "mode": mode[:20] if isinstance(mode, str) else None,
+            "step": int(REPORT_NAME.fullmatch(path.name).group(1))}
+
+
+def evaluation_reports(run_dir: Path) -> tuple[dict | None, dict | None]:
+    """(the training's latest evaluation, the newest report `segjobs eval` wrote) from the run's eval/; reads two
+    files at most."""
+    try:
+        entries = [(entry.stat().st_mtime, entry.name) for entry in os.scandir(run_dir / "eval")
+                   if REPORT_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)]
+    except OSError:
+        return None, None
+    plain = max((name for _, name in entries if REPORT_NAME.fullmatch(name).group(2) is None), default=None)
+    other = max(((mtime, name) for mtime, name in entries if REPORT_NAME.fullmatch(name).group(2)), default=None)
+    trained = read_report(run_dir / "eval" / plain) if plain else None
+    times = dict((name, mtime) for mtime, name in entries)
+    candidates = [(times[plain], trained)] if trained else []
+    if other is not None:
+        candidates.append((other[0], read_report(run_dir / "eval" / other[1])))
+    evaluated = [(mtime, report) for mtime, report in candidates if report is not None and report["mode"]]
+    return trained, max(evaluated, key=lambda item: item[0])[1] if evaluated else None
 
 
 def newest_checkpoint_time(run_dir: Path) -> float | None:
@@ -134,6 +181,14 @@ def _build_row(run_dir: Path, slurm: queue.SlurmView, now: float) -> Row:
             row.eta_s = (row.total_steps - row.step) * record["global_batch"] / row.samples_per_s
     saved = newest_checkpoint_time(run_dir)
     row.checkpoint_age_s = now - saved if saved is not None else None
+    trained, evaluated = evaluation_reports(run_dir)
+    row.miou = trained["miou"] if trained else None
+    if evaluated:
+        row.eval_miou, row.eval_mode, row.eval_step = evaluated["miou"], evaluated["mode"], evaluated["step"]
+    evaluation = record["evaluations"][-1] if record.get("evaluations") else None
+    seen = slurm.job(evaluation) if evaluation is not None else None
+    if seen is not None and seen.state != runs.COMPLETED:
+        row.eval_state = seen.state
     return row
 
 
@@ -156,8 +211,7 @@ def collect(names: list[str] = (), extra_dirs: list[Path] = (), show_all: bool =
 
 def rows_for(run_dirs: list[Path], poll: bool = True) -> tuple[list[Row], str | None]:
     """A row per run folder, SLURM asked once for all of them, and the notice of collect()."""
-    jobs = [_latest_job(d) for d in run_dirs]
-    slurm_jobs = [job["job_id"] for job in jobs if job is not None and job["cluster"] == "slurm"]
+    slurm_jobs = [job["job_id"] for d in run_dirs for job in _latest_jobs(d) if job.get("cluster") == "slurm"]
     slurm = queue.poll_slurm(slurm_jobs if poll else [])
     now = time.time()
     rows = [build_row(d, slurm, now) for d in run_dirs]
@@ -171,11 +225,13 @@ def rows_for(run_dirs: list[Path], poll: bool = True) -> tuple[list[Row], str | 
     return rows, notice
 
 
-def _latest_job(run_dir: Path) -> dict | None:
+def _latest_jobs(run_dir: Path) -> list[dict]:
+    """The run's latest job and its latest evaluation job."""
     try:
-        return runs.latest_job(runs.read_run(run_dir))
+        record = runs.read_run(run_dir)
     except runs.UnreadableRunError:  # shown as such by build_row
-        return None
+        return []
+    return [entries[-1] for entries in (record.get("submissions"), record.get("evaluations")) if entries]
 
 
 def _modified(run_dir: Path) -> float:
@@ -213,6 +269,18 @@ def progress_text(row: Row, width: int = 16):
     return text
 
 
+def scores_text(row: Row):
+    """The training's latest mIoU; under it, the newest `segjobs eval` score (mode@step) or its job's state."""
+    from rich.text import Text
+
+    text = Text(f"{row.miou:.4f}" if row.miou is not None else "-")
+    if row.eval_state:
+        text.append(f"\neval {row.eval_state}", style=STATE_STYLE.get(row.eval_state, "dim"))
+    elif row.eval_miou is not None:
+        text.append(f"\n{row.eval_mode}@{row.eval_step} {row.eval_miou:.4f}", style="dim")
+    return text
+
+
 def table(rows: list[Row], notice: str | None = None):
     from rich.table import Table
     from rich.text import Text
@@ -220,7 +288,8 @@ def table(rows: list[Row], notice: str | None = None):
     grid = Table(title=f"segjobs runs ({len(rows)})", title_justify="left", header_style="bold", pad_edge=False,
                  caption=notice, caption_justify="left")
     for column, justify in [("run", "left"), ("model", "left"), ("job", "right"), ("state", "left"), ("nodes×gpus", "right"),
-                            ("elapsed / limit", "right"), ("progress", "left"), ("loss", "right"), ("img/s", "right"),
+                            ("elapsed / limit", "right"), ("progress", "left"), ("loss", "right"), ("mIoU", "right"),
+                            ("img/s", "right"),
                             ("ETA", "right"), ("requeues", "right"), ("ckpt age", "right")]:
         grid.add_column(column, justify=justify, no_wrap=column != "state", overflow="fold")  # fold: whole log paths
     names = [row.name for row in rows]
@@ -235,7 +304,7 @@ def table(rows: list[Row], notice: str | None = None):
         progress = progress_text(row)
         grid.add_row(name, row.model, row.job_id or "-", state, f"{row.nodes}×{row.gpus_per_node}",
                      f"{duration(row.elapsed_s)} / {duration(row.limit_s)}", progress,
-                     f"{row.loss:.4f}" if row.loss is not None else "-",
+                     f"{row.loss:.4f}" if row.loss is not None else "-", scores_text(row),
                      f"{row.samples_per_s:.1f}" if row.samples_per_s is not None else "-",
                      duration(row.eta_s), f"{row.requeues}" + (f" +{row.faults} faults" if row.faults else ""),
                      duration(row.checkpoint_age_s))
