@@ -6,7 +6,8 @@ transitions below (submitted, started, requeued, completed, failed, cancelled, s
     COMPLETED, FAILED, CANCELLED, TIMEOUT), error, spec (the resolved spec of the latest submission),
     nodes, gpus_per_node, tasks, timeout_min, total_steps, global_batch,
     submissions: [{job_id, time, cluster, log_folder, overrides, pid_start (local jobs)}],
-    starts: [{job_id, time, restart_count, world_size, host, pid, pid_start}],
+    starts: [{job_id, time, restart_count, world_size, host, pid, pid_start,
+              code, versions, gpu, hosts, from_step, redo_steps (what it ran: see launcher.history)}],
     requeues: [{job_id, time, reason, step}],
     faults: [{job_id, restart_count, time, kind, step, rank, host, detail, requeued}]
 A run.json that is not such a record (damaged, edited) reads as UnreadableRunError; the next transition
@@ -35,6 +36,7 @@ from filelock import SoftFileLock, Timeout
 
 from launcher.errors import InputError, WorkFailed
 from launcher.files import read_bounded
+from launcher.history import history_problem
 
 log = logging.getLogger("segjobs.runs")
 
@@ -150,7 +152,7 @@ def _run_record_problem(record: Any) -> str | None:
     for key in ("ended",):
         if record.get(key) is not None and not isinstance(record[key], (int, float)):
             return f"{key} must be a time"
-    return None
+    return history_problem(record)
 
 
 def read_run(run_dir: Path) -> dict:
@@ -212,8 +214,8 @@ def submitted(run_dir: Path, submission: dict, **fields: Any) -> dict:
 
 
 def started(run_dir: Path, start: dict, **fields: Any) -> dict:
-    """This process started training: `start` is {job_id, time, restart_count, world_size}; its host, pid and
-    pid start time are added."""
+    """This process started training: `start` is {job_id, time, restart_count, world_size} and what it runs
+    (launcher.history.Start); its host, pid and pid start time are added."""
     record = _append(run_dir, "starts", {**start, **this_process()}, state=RUNNING, error=None, **fields)
     register(run_dir)
     return record
