@@ -12,6 +12,7 @@
     segjobs submit jobs/dino_vits8.yaml --set resources.partition=gpu
     segjobs visualize demo_dino --video data/clip.mp4 --fps 6
     segjobs status --watch
+    segjobs show dino_vits8 --json
     segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between refreshes with --watch (default 30: each asks sacct and squeue once)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
 
+    showing = commands.add_parser("show", help="one run: history, what each start ran (code, versions, hosts), goodput, spec")
+    showing.add_argument("run", help="run name or folder")
+    showing.add_argument("--json", action="store_true", help="print it as one JSON object")
+
     logs = commands.add_parser("logs", help="print the log of a run's latest job")
     logs.add_argument("run", help="run name or folder")
     logs.add_argument("--follow", action="store_true", help="keep printing while the job runs")
@@ -271,6 +276,10 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "logs":
             return status.logs(args.run, args.follow, args.rank)
         return status.show(args.runs, args.run_dirs, args.all, args.watch, args.json, args.interval)
+    if args.command == "show":
+        from launcher.commands import show
+
+        return show.main(args.run, args.json)
     if args.command == "eval":
         from launcher.commands import eval as evaluation
 
