@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 Text = Annotated[str, StringConstraints(max_length=10_000)]  # details and errors
 Word = Annotated[str, StringConstraints(max_length=256)]  # versions, host names, reasons
 Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{7,64}$")]
-Seconds = Annotated[float, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0, le=1e11)]  # since the epoch: before the year 5138
 Count = Annotated[int, Field(ge=0, strict=True)]
 
 

@@ -241,3 +241,33 @@ def test_show_still_prints_a_run_with_odd_but_harmless_fields(planted, capsys):
     assert segjobs(["show", str(planted)]) == 0
     out = capsys.readouterr().out
     assert "[bold red]markup[/]" in out and "spec\nnot recorded" in out and len(out) < 20_000
+
+
+# ---- what a log step records about the machine ----------------------------------------------------------------
+def test_a_cpu_log_step_has_no_gpu_fields_and_a_gpu_one_has_nvmls_until_it_fails(monkeypatch, caplog):
+    import torch
+
+    from launcher.training.utilisation import LogWindow
+
+    window = LogWindow(cuda=False)
+    assert window.next_batch(iter([1])) == 1 and window.next_batch(iter([])) is None
+    window.samples = 64
+    fields = window.fields()
+    assert set(fields) == {"samples_per_s", "data_wait", "time", "rss_peak_gb"} and 0 <= fields["data_wait"] <= 1
+    assert fields["rss_peak_gb"] > 0.01, "this process holds torch: tens of MB at least"
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda: 87)
+    monkeypatch.setattr(torch.cuda, "device_memory_used", lambda: 31 * 2**30)
+    window = LogWindow(cuda=True)
+    window.nvml = True  # as when nvidia-ml-py is installed
+    fields = window.fields()
+    assert (fields["peak_mem_gb"], fields["gpu_util"], fields["gpu_mem_gb"]) == (3, 87, 31)
+
+    def broken():
+        raise RuntimeError("NVML: driver not loaded")
+
+    monkeypatch.setattr(torch.cuda, "utilization", broken)
+    fields = window.fields()
+    assert "gpu_util" not in fields and fields["peak_mem_gb"] == 3 and not window.nvml
+    assert "NVML failed (NVML: driver not loaded)" in caplog.text

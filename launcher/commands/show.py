@@ -156,7 +156,7 @@ def software_rows(start: dict) -> list[tuple[str, str]]:
              if name in versions]
     rows += [(name, value) for name, value in versions.items() if name not in dict(rows)]
     rows.append(("gpu", start.get("gpu") or "none (CPU)"))
-    rows.append(("hosts", hosts_text(start.get("hosts") or [])))
+    rows.append(("hosts", hosts_text(start.get("hosts") or [start.get("host") or "?"])))
     return rows
 
 
