@@ -246,10 +246,11 @@ class Trainer:
                 step, step_samples = self.progress.step, self.progress.samples
                 self.watchdog.beat(step)
                 if step % spec.train.log_every == 0 or step == self.total_steps:
-                    record = {"step": step, "epoch": epoch, "lr": lr, **window.fields(), "skipped": self.train_loader.skipped}
+                    record = {"step": step, "epoch": epoch, "lr": lr, "skipped": self.train_loader.skipped}
                     for name, total in running.items():
                         record[name] = accelerator.reduce(total.detach().float(), reduction="mean").item() / (
                             window.samples // batch_size)
+                    record.update(window.fields())  # after .item(): the window's time includes its device work
                     self.metrics.write(record)
                     if not math.isfinite(record["loss"]):
                         raise DivergedError(self._divergence(record["loss"], step))

@@ -4,13 +4,14 @@
     batch = window.next_batch(batches)       # times the loader on the host
     window.samples += global_batch_of_this_micro_step
     with window.paused(): save(); evaluate() # not steps
-    record.update(window.fields()); window.reset()
+    record.update(window.fields()); window.reset()   # after the log step's loss .item()
 
 Nothing here synchronizes the device. The fields of metrics.jsonl it writes:
     samples_per_s   samples (all ranks) per second of the window's steps (checkpoints and evaluation excluded)
-    data_wait       share of that time rank 0 waited in the loader's next(), measured on the host. The log step
-                    before the window synchronized (its loss .item()), so the window's host time is the steps'
-                    time: a GPU-bound loop waits in CUDA calls and reads near 0, a loader-bound one near 1.
+    data_wait       share of that time rank 0 waited in the loader's next(), measured on the host. `fields()`
+                    is called after the log step's loss .item() (a sync the log step has anyway), so the window's
+                    host time covers its device work: a GPU-bound loop waits in CUDA calls and reads near 0, a
+                    loader-bound one near 1.
     rss_peak_gb     peak resident memory of rank 0's process since it started (GiB; getrusage): the memory
                     that matters on CPU, where torch's allocator keeps no statistics. Loader workers not included.
     peak_mem_gb     torch's peak allocated GPU memory of rank 0 since its process started (GiB); GPU only
