@@ -16,6 +16,7 @@
     segjobs status --watch
     segjobs compare runs/demo_wnet-sweep --metric many_to_one_miou --plot sweep.png
     segjobs predict demo_segmenter photos/*.jpg --out predictions; segjobs export demo_segmenter --out seg.safetensors
+    segjobs show dino_vits8 --json
     segjobs logs dino_vits8 --follow; segjobs cancel dino_vits8; segjobs resume dino_vits8
 
 Exit status: 0 success, 1 the work failed, 2 a usage or input error. Errors are one paragraph on stderr;
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "an unknown name lists those the runs report")
     comparing.add_argument("--json", action="store_true", help="print the runs (and the points over seeds) as JSON")
     comparing.add_argument("--plot", type=Path, metavar="FILE.png", help="draw every run's loss and metric curves")
+    showing = commands.add_parser("show", help="one run: history, what each start ran (code, versions, hosts), goodput, spec")
+    showing.add_argument("run", help="run name or folder")
+    showing.add_argument("--json", action="store_true", help="print it as one JSON object")
 
     logs = commands.add_parser("logs", help="print the log of a run's latest job")
     logs.add_argument("run", help="run name or folder")
@@ -324,6 +328,10 @@ def run(args: argparse.Namespace) -> int:
         from launcher.cluster import profiles
 
         return profiles.show(args.json)
+    if args.command == "show":
+        from launcher.commands import show
+
+        return show.main(args.run, args.json)
     if args.command == "eval":
         from launcher.commands import eval as evaluation
 

@@ -7,11 +7,12 @@ transitions below (submitted, started, requeued, completed, failed, cancelled, s
     nodes, gpus_per_node, tasks, timeout_min, total_steps, global_batch,
     submissions: [{job_id, time, cluster, log_folder, overrides, job_name, pid_start (local jobs),
                    profile (the cluster profile merged into the spec's resources), after (afterok:JOB or null)}],
-    starts: [{job_id, time, restart_count, world_size, host, pid, pid_start}],
+    starts: [{job_id, time, restart_count, world_size, host, pid, pid_start,
+              code, versions, gpu, hosts, from_step, redo_steps (what it ran: see launcher.history)}],
     requeues: [{job_id, time, reason, step}],
     faults: [{job_id, restart_count, time, kind, step, rank, host, detail, requeued}],
     evaluations: [{job_id, time, cluster, log_folder, job_name, target, split, mode, after}]  (`segjobs eval --submit`)
-Fields added later (profile, after, evaluations) are optional: older records read as before.
+Fields added later (profile, after, evaluations, what a start ran) are optional: older records read as before.
 A run.json that is not such a record (damaged, edited) reads as UnreadableRunError; the next transition
 renames it aside and starts a new one.
 
@@ -38,6 +39,7 @@ from filelock import SoftFileLock, Timeout
 
 from launcher.errors import InputError, WorkFailed
 from launcher.files import read_bounded
+from launcher.history import history_problem
 
 log = logging.getLogger("segjobs.runs")
 
@@ -160,7 +162,7 @@ def _run_record_problem(record: Any) -> str | None:
     for key in ("ended",):
         if record.get(key) is not None and not isinstance(record[key], (int, float)):
             return f"{key} must be a time"
-    return None
+    return history_problem(record)
 
 
 def read_run(run_dir: Path) -> dict:
@@ -222,8 +224,8 @@ def submitted(run_dir: Path, submission: dict, **fields: Any) -> dict:
 
 
 def started(run_dir: Path, start: dict, **fields: Any) -> dict:
-    """This process started training: `start` is {job_id, time, restart_count, world_size}; its host, pid and
-    pid start time are added."""
+    """This process started training: `start` is {job_id, time, restart_count, world_size} and what it runs
+    (launcher.history.Start); its host, pid and pid start time are added."""
     record = _append(run_dir, "starts", {**start, **this_process()}, state=RUNNING, error=None, **fields)
     register(run_dir)
     return record

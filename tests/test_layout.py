@@ -22,7 +22,7 @@ from tests.jobspecs import losses, same_losses, write_spec
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("launcher", "models", "shards")
 # launcher's rooms, lowest first: a module may import its own room and the rooms below it.
-ROOMS = [("launcher.errors", "launcher.files", "launcher.bounded_yaml", "launcher.spec", "launcher.runs", "launcher.runlock", "launcher.checkpoint"), ("launcher.training",), ("launcher.cluster",),
+ROOMS = [("launcher.errors", "launcher.files", "launcher.bounded_yaml", "launcher.spec", "launcher.history", "launcher.runs", "launcher.runlock", "launcher.checkpoint"), ("launcher.training",), ("launcher.cluster",),
          ("launcher.commands",), ("launcher.cli", "launcher.train")]
 
 

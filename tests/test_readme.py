@@ -39,6 +39,7 @@ EXERCISED = [
     (r"^segjobs predict", "tests/test_predict.py::test_segmenter_writes_ade20k_coloured_classes_and_dataset_labels"),
     (r"^segjobs export", "tests/test_predict.py::test_export_loads_back_into_the_same_network"),
     (r"^segjobs plan", "tests/test_dino_parity.py::test_plan_of_the_paper_recipe_is_main_dinos_schedules"),
+    (r"^segjobs show", "tests/slurm/test_show.py::test_show_of_a_requeued_run_lists_both_starts_and_the_requeue"),
     (r"^segjobs status", "tests/slurm/test_cluster.py::test_submit_runs_to_completion_and_status_shows_it"),
     (r"^segjobs logs", "tests/test_submit.py::test_local_executor_runs_a_spec_end_to_end"),
     (r"^segjobs (cancel|resume)", "tests/test_submit.py::test_cancel_then_resume_continues_from_the_checkpoint"),

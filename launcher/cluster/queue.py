@@ -49,18 +49,20 @@ class SlurmView:
     reachable: bool = True  # squeue answered (the controller is up)
 
     def job(self, submission: dict) -> JobState | None:
-        """The latest record of a run's job (a submission from run.json): its id, submitted no earlier than the
-        run submitted it (a job with that id submitted before is another job: the id was reused) and, when the
-        submission records the job's name, of that name (a job submitted later under a reused id is another
-        run's or another user's)."""
+        """The latest record of a run's job (a submission from run.json); see `records_of`."""
+        own = self.records_of(submission)
+        return own[-1] if own else None
+
+    def records_of(self, submission: dict) -> list[JobState]:
+        """Every record of a run's job (one per start of a requeued job), oldest first: its id, submitted no
+        earlier than the run submitted it (a job with that id submitted before is another job: the id was
+        reused) and, when the submission records the job's name, of that name (a job submitted later under a
+        reused id is another run's or another user's)."""
         since, name = submission.get("time"), submission.get("job_name")
-        for seen in reversed(self.records.get(submission["job_id"], [])):
-            if isinstance(since, (int, float)) and seen.submitted is not None and seen.submitted < since - CLOCK_SLACK_S:
-                continue
-            if name is not None and seen.name is not None and seen.name != name:
-                continue
-            return seen
-        return None
+        return [seen for seen in self.records.get(submission["job_id"], [])
+                if not (isinstance(since, (int, float)) and seen.submitted is not None
+                        and seen.submitted < since - CLOCK_SLACK_S)
+                and not (name is not None and seen.name is not None and seen.name != name)]
 
 
 def slurm_time(text: str) -> float | None:

@@ -20,13 +20,14 @@ import re
 import stat
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from launcher import checkpoint as layout
 from launcher import runs
 from launcher.cluster import queue
 from launcher.files import read_bounded
+from launcher.history import drift
 
 RECENT_S = 7 * 86400
 # eval/step_NNNNNNNN.json: the trainer's evaluation (or `segjobs eval` in the default split and mode, which writes
@@ -63,6 +64,11 @@ class Row:
     eval_mode: str | None = None
     eval_step: int | None = None
     eval_state: str | None = None  # the latest evaluation job's state while it has not completed
+    data_wait: float | None = None  # share of step time rank 0 waited for the loader, at the last log step
+    gpu_util: float | None = None  # percent, NVML's last sample at the last log step (GPU runs with nvidia-ml-py)
+    gpu_mem_gb: float | None = None  # in use on rank 0's GPU (NVML), GiB
+    peak_mem_gb: float | None = None  # torch's peak allocated GPU memory of rank 0, GiB
+    drift: list[str] = field(default_factory=list)  # code or software changes between starts (launcher.history)
 
     @property
     def active(self) -> bool:
@@ -146,7 +152,7 @@ def _build_row(run_dir: Path, slurm: queue.SlurmView, now: float) -> Row:
               state=record.get("state", "UNKNOWN"), nodes=record.get("nodes", 1), gpus_per_node=record.get("gpus_per_node", 0),
               total_steps=record.get("total_steps"), requeues=len(record.get("requeues", [])), error=record.get("error"),
               faults=len(record.get("faults", [])),
-              cluster=record.get("cluster", ""))
+              cluster=record.get("cluster", ""), drift=drift(record.get("starts", [])))
     job = runs.latest_job(record)
     start = record["starts"][-1] if record.get("starts") else None
     if job is not None:
@@ -177,6 +183,9 @@ def _build_row(run_dir: Path, slurm: queue.SlurmView, now: float) -> Row:
     metrics = last_training_record(run_dir / "metrics.jsonl")
     if metrics is not None:
         row.step, row.epoch, row.loss, row.samples_per_s = metrics["step"], metrics.get("epoch"), metrics["loss"], metrics.get("samples_per_s")
+        for key in ("data_wait", "gpu_util", "gpu_mem_gb", "peak_mem_gb"):
+            value = metrics.get(key)
+            setattr(row, key, value if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
         if row.active and row.total_steps and row.samples_per_s and record.get("global_batch"):
             row.eta_s = (row.total_steps - row.step) * record["global_batch"] / row.samples_per_s
     saved = newest_checkpoint_time(run_dir)
@@ -279,6 +288,13 @@ def scores_text(row: Row):
     elif row.eval_miou is not None:
         text.append(f"\n{row.eval_mode}@{row.eval_step} {row.eval_miou:.4f}", style="dim")
     return text
+def utilisation_text(row: Row) -> str:
+    """wait 3% · GPU 87% 31.2G: the data-wait share, then GPU utilisation and memory (NVML's, else torch's peak)."""
+    parts = [f"wait {row.data_wait:.0%}"] if row.data_wait is not None else []
+    memory = row.gpu_mem_gb if row.gpu_mem_gb is not None else row.peak_mem_gb
+    gpu = " ".join(([f"{row.gpu_util:.0f}%"] if row.gpu_util is not None else []) +
+                   ([f"{memory:.1f}G"] if memory is not None else []))
+    return " · ".join(parts + ([f"GPU {gpu}"] if gpu else [])) or "-"
 
 
 def table(rows: list[Row], notice: str | None = None):
@@ -289,8 +305,8 @@ def table(rows: list[Row], notice: str | None = None):
                  caption=notice, caption_justify="left")
     for column, justify in [("run", "left"), ("model", "left"), ("job", "right"), ("state", "left"), ("nodes×gpus", "right"),
                             ("elapsed / limit", "right"), ("progress", "left"), ("loss", "right"), ("mIoU", "right"),
-                            ("img/s", "right"),
-                            ("ETA", "right"), ("requeues", "right"), ("ckpt age", "right")]:
+                            ("img/s", "right"), ("util", "left"), ("ETA", "right"), ("requeues", "right"),
+                            ("ckpt age", "right")]:
         grid.add_column(column, justify=justify, no_wrap=column != "state", overflow="fold")  # fold: whole log paths
     names = [row.name for row in rows]
     for row in rows:
@@ -301,12 +317,15 @@ def table(rows: list[Row], notice: str | None = None):
             state.append(f" ({row.reason})", style="dim")
         if row.error and row.state in ("FAILED", "TIMEOUT", "UNREADABLE", "REQUEUED"):  # REQUEUED: after a fault
             state.append(f"\n{row.error[:240]}", style="dim red")
+        if row.drift:  # a requeued job runs whatever is installed when it starts again
+            state.append("\n" + "; ".join(row.drift[:2]) + (f" (+{len(row.drift) - 2})" if len(row.drift) > 2 else ""),
+                         style="yellow")
         progress = progress_text(row)
         grid.add_row(name, row.model, row.job_id or "-", state, f"{row.nodes}×{row.gpus_per_node}",
                      f"{duration(row.elapsed_s)} / {duration(row.limit_s)}", progress,
                      f"{row.loss:.4f}" if row.loss is not None else "-", scores_text(row),
                      f"{row.samples_per_s:.1f}" if row.samples_per_s is not None else "-",
-                     duration(row.eta_s), f"{row.requeues}" + (f" +{row.faults} faults" if row.faults else ""),
+                     utilisation_text(row), duration(row.eta_s), f"{row.requeues}" + (f" +{row.faults} faults" if row.faults else ""),
                      duration(row.checkpoint_age_s))
     return grid
 

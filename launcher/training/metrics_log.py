@@ -53,17 +53,20 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop lines past the checkpoint, which the resumed run writes again (and a half-written
-        last line, which the next record would otherwise continue)."""
+    def truncate_after(self, step: int) -> int:
+        """At every start: drop lines past the checkpoint it starts from (step 0 without one), which this start
+        writes again, and a half-written last line, which the next record would otherwise continue. Returns
+        how many steps past `step` the dropped lines reached: work a stopped start did that is done again
+        (0 on ranks other than 0)."""
         if not self.enabled or not self.path.exists():
-            return
+            return 0
         try:
             records = read_metrics(self.path)
         except ValueError as exc:
             raise RunError(f"{self.path}: cannot be continued ({exc}); move it away to resume the run.") from None
-        kept = [r for r in records if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        steps = [r.get("step", 0) if isinstance(r.get("step", 0), int) else -1 for r in records]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r, s in zip(records, steps) if 0 <= s <= step))
+        return max([s - step for s in steps if s > step], default=0)
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -99,7 +102,7 @@ class LiveView:
             self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
         if self.writer is not None and record:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                if isinstance(value, (int, float)) and key not in ("step", "epoch", "time"):
                     self.writer.add_scalar(key, value, step)
             for key, value in record.get("eval", {}).items():
                 self.writer.add_scalar(f"eval/{key}", value, step)

@@ -32,7 +32,9 @@ from launcher.training.families import task_for_model
 from launcher.training.families.base import StepContext
 from launcher.training.metrics_log import LiveView, MetricsLog, to_json
 from launcher.training.parallel import build_accelerator, make_wrap, raw_optimizer
+from launcher.training.runtime import describe
 from launcher.training.schedules import Horizon, peak_learning_rate
+from launcher.training.utilisation import LogWindow
 from launcher.training.watchdog import StallWatchdog
 from shards.reader import verify_splits
 
@@ -117,6 +119,7 @@ class Trainer:
         if not self._resume():
             # Dropout and drop path differ across ranks, as in the references (seed + rank).
             set_seed(spec.seed + self.rank + self.progress.step)
+        self.redo_steps = self.metrics.truncate_after(self.progress.step)  # what a stopped start did past it
         if accelerator.is_main_process:  # only now: a refused resume leaves the run directory untouched
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "spec.yaml").write_text(spec.to_yaml())
@@ -173,7 +176,6 @@ class Trainer:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise CheckpointError(f"{latest}: its files are not the state segjobs writes ({type(exc).__name__}: {first}); "
                                   "move the folder away to resume from the checkpoint before it.") from None
-        self.metrics.truncate_after(self.progress.step)
         elastic = "" if meta["world_size"] == self.world else f" with {self.world} processes instead of {meta['world_size']} (elastic: the loader splits the rest of the epoch)"
         log.info("resumed from %s at step %d%s", latest, self.progress.step, elastic)
         return rng is not None
@@ -220,26 +222,23 @@ class Trainer:
         # Schedules follow samples seen, counted at optimizer steps: after an elastic resume, the same curve.
         step_samples = self.progress.samples
         running: dict[str, torch.Tensor] = {}
-        window_start, wait, window_samples = time.perf_counter(), 0.0, 0
-        paused = 0.0  # seconds of checkpointing and evaluation inside the current window
+        window = LogWindow(cuda=torch.cuda.is_available())
         last_checkpoint = time.monotonic()
         last_eval: dict | None = None
         while self.progress.step < self.total_steps and not self.stopped:
             epoch = self.train_loader.epoch
             batches = iter(self.train_loader)
             while self.progress.step < self.total_steps:
-                fetch = time.perf_counter()
-                batch = next(batches, None)
+                batch = window.next_batch(batches)
                 if batch is None:
                     break
-                wait += time.perf_counter() - fetch
                 step, position = self.progress.step, step_samples / self.global_batch
                 lr = apply_schedules(self.task.optimizers, self.schedules, position)
                 context = StepContext(step=step, epoch=epoch, position=position, accelerator=accelerator)
                 losses = self.task.train_step(batch, context)
                 for name, value in losses.items():
                     running[name] = running.get(name, 0) + value
-                window_samples += batch_size
+                window.samples += batch_size
                 self.progress.samples += batch_size
                 if not accelerator.sync_gradients:
                     continue
@@ -247,26 +246,24 @@ class Trainer:
                 step, step_samples = self.progress.step, self.progress.samples
                 self.watchdog.beat(step)
                 if step % spec.train.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start - paused
-                    record = {"step": step, "epoch": epoch, "lr": lr,
-                              "samples_per_s": window_samples / elapsed, "data_wait": wait / elapsed,
-                              "skipped": self.train_loader.skipped}
+                    record = {"step": step, "epoch": epoch, "lr": lr, "skipped": self.train_loader.skipped}
                     for name, total in running.items():
                         record[name] = accelerator.reduce(total.detach().float(), reduction="mean").item() / (
-                            window_samples // batch_size)
-                    if torch.cuda.is_available():
-                        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                            window.samples // batch_size)
+                    record.update(window.fields())  # after .item(): the window's time includes its device work
                     self.metrics.write(record)
                     if not math.isfinite(record["loss"]):
                         raise DivergedError(self._divergence(record["loss"], step))
                     view.update(step, record)
                     log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps, record["loss"], record["lr"], record["samples_per_s"])
-                    running, window_start, wait, window_samples, paused = {}, time.perf_counter(), 0.0, 0, 0.0
+                    running = {}
+                    window.reset()
                     # Time and signals differ across ranks: rank 0 decides, at log steps (already a sync point).
                     overdue = bool(spec.checkpoint.every_minutes) and time.monotonic() - last_checkpoint > 60 * spec.checkpoint.every_minutes
                     save, stop = self._agree(overdue or self.checkpoint_requested, self.stop_requested)
                     if save or stop:
-                        self.save()
+                        with window.paused():
+                            self.save()
                         self.checkpoint_requested = False
                         last_checkpoint = time.monotonic()
                     if stop:
@@ -280,13 +277,12 @@ class Trainer:
                     self.stopped = self.terminated = True
                     log.info("SIGTERM: stopped at step %d after the checkpoint", step)
                     break
-                pause_start = time.perf_counter()
-                if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0 and step < self.total_steps:
-                    self.save()
-                    last_checkpoint = time.monotonic()
-                if self.eval_loader is not None and spec.train.eval_every and step % spec.train.eval_every == 0 and step < self.total_steps:
-                    last_eval = self.evaluate()
-                paused += time.perf_counter() - pause_start
+                with window.paused():
+                    if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0 and step < self.total_steps:
+                        self.save()
+                        last_checkpoint = time.monotonic()
+                    if self.eval_loader is not None and spec.train.eval_every and step % spec.train.eval_every == 0 and step < self.total_steps:
+                        last_eval = self.evaluate()
         if self.stopped:
             self.train_loader.close()
             return last_eval
@@ -371,8 +367,10 @@ def _run_locked(spec: JobSpec, source: str, job_id: str | None, cluster: str, re
                 on_trainer: Callable[[Trainer], None] | None, record_failure: bool) -> dict:
     trainer = Trainer(spec, source)
     main = trainer.accelerator.is_main_process
+    about = describe(trainer.host_group, trainer.rank)  # collective: every rank's host
     if main:
-        start = {"job_id": job_id, "time": time.time(), "restart_count": restart_count, "world_size": trainer.world}
+        start = {"job_id": job_id, "time": time.time(), "restart_count": restart_count, "world_size": trainer.world,
+                 "from_step": trainer.progress.step, "redo_steps": trainer.redo_steps, **about}
         runs.started(trainer.run_dir, start, name=spec.name, model=spec.model.name, cluster=cluster,
                      total_steps=trainer.total_steps, global_batch=trainer.global_batch)
     if on_trainer is not None:
