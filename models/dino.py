@@ -211,6 +211,18 @@ def _dino(size: str, patch_size: int, **options) -> DINO:
     return DINO(DINOConfig(backbone=backbone, **options))
 
 
+@register("dino_vitt16", "dino")
+def dino_vitt16(**options) -> DINO:
+    """DINO ViT-Tiny/16 (backbone 5.5M) + head: the reference's vit_tiny (192 wide, 3 heads), for small runs."""
+    return _dino("tiny", 16, **options)
+
+
+@register("dino_vitt8", "dino")
+def dino_vitt8(**options) -> DINO:
+    """DINO ViT-Tiny/8 (backbone 5.5M) + head: a 64 px crop is 8 x 8 patches (the demo's)."""
+    return _dino("tiny", 8, **options)
+
+
 @register("dino_vits16", "dino")
 def dino_vits16(**options) -> DINO:
     """DINO ViT-S/16 (backbone 21.7M) + head."""

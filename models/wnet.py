@@ -92,6 +92,9 @@ class WNet(nn.Module):
         args = (config.base_channels, config.levels, config.dropout)
         self.encoder = UNet(config.in_channels, config.num_segments, *args)
         self.decoder = UNet(config.num_segments, config.in_channels, *args)
+        # Images come in 0..1: start U-Dec at mid-grey. From a zero bias Adam moves the output by about lr per
+        # step, so a short run reconstructs nearly black images whatever its segments are.
+        nn.init.constant_(self.decoder.out.bias, 0.5)
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """U-Enc only: segmentation probabilities (B, K, H, W)."""

@@ -122,14 +122,20 @@ def test_demo_runs_the_three_models_end_to_end_and_reuses_a_finished_run(tmp_pat
     assert segjobs(arguments) == 0
     out = capsys.readouterr().out
     assert "segjobs demo finished" in out
-    for name, pictures in [("demo_segmenter", ["segmenter.png", "curves.png"]), ("demo_wnet", ["wnet.png"]),
-                           ("demo_dino", ["dino_attention.png", "attention.gif"])]:
+    for name, pictures in [("demo_segmenter", ["segmenter.png", "curves.png"]),
+                           ("demo_wnet", ["wnet.png", "clip_wnet.mp4", "clip_wnet.gif"]),
+                           ("demo_dino", ["dino_attention.png", "attention.gif", "clip_dino.mp4", "clip_dino.gif"])]:
         run_dir = tmp_path / "runs" / name
         assert json.loads((run_dir / "run.json").read_text())["state"] == "COMPLETED"
         assert (run_dir / "eval" / "step_00000002.json").is_file()
         for picture in pictures:
             assert (run_dir / "pictures" / picture).stat().st_size > 0, (name, picture)
     assert "mIoU" in out and "unsupervised mIoU" in out
+    assert "reconstruction PSNR" in out and "attention Jaccard" in out and "(untrained " in out
+    clip_frames = json.loads((tmp_path / "data" / "shards-clip" / "training" / "manifest.json").read_text())
+    assert clip_frames["num_samples"] == 48 and clip_frames["num_classes"] == 0, "every frame of the clip, image-only"
+    with Image.open(tmp_path / "runs" / "demo_dino" / "pictures" / "clip_dino.gif") as gif:
+        assert gif.n_frames == 48
 
     assert segjobs(arguments) == 0
     again = capsys.readouterr().out

@@ -9,8 +9,10 @@
    (SLURM when a controller answers, else the local executor), skipping runs already completed or running,
 4. shows the live status table until the three have finished,
 5. evaluates each (`segjobs eval`), draws the pictures (`segjobs visualize`, with the DINO attention GIF
-   over validation frames) and the curves of the three runs, and prints where everything is.
-A rerun resumes what was interrupted and reuses what is done.
+   over validation frames) and the curves of the three runs,
+6. writes a synthetic clip (`segjobs synth video`), packs its frames into image-only shards (`segjobs shard
+   video`) and draws W-Net's and DINO's picture of every frame as an MP4 and a GIF (`visualize --video`),
+and prints where everything is. A rerun resumes what was interrupted and reuses what is done.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from launcher.commands import status
 
 DEMO_SPECS = ("jobs/demo_segmenter.yaml", "jobs/demo_wnet.yaml", "jobs/demo_dino.yaml")
 GIF_FRAMES = 8
+VIDEO_FAMILIES = ("wnet", "dino")  # drawn over the clip; Segmenter's picture of it is its prediction alone
 
 
 def prepare_data(root: Path, train: int, val: int, size: tuple[int, int]) -> Path:
@@ -55,6 +58,19 @@ def submit_demo_jobs(specs: list[Path], shards: Path, cluster: str, overrides: l
     return run_dirs
 
 
+def prepare_clip(root: Path) -> Path:
+    """The synthetic clip (48 frames, 128x160, 12 fps: 4 s) and its frames as verified image-only shards."""
+    clip = root / "clip.mp4"
+    if not clip.exists():
+        data_commands.synth_video(clip, frames=48, size=(128, 160), fps=12.0, seed=0)
+    frames = root / "shards-clip"
+    data_commands.shard_video([clip], frames, "training", "clip", None, 512, samples_per_shard=100,
+                              max_shard_bytes=1e9, workers=1, strict=True, force=False)
+    if data_commands.verify(frames) != 0:
+        raise RuntimeError(f"{frames}: the clip's shards failed verification right after sharding")
+    return clip
+
+
 def demo_frames(root: Path, count: int) -> Path:
     """The first validation images as the frames of the attention GIF."""
     frames = root / "frames"
@@ -63,6 +79,19 @@ def demo_frames(root: Path, count: int) -> Path:
         for image in sorted((root / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))[:count]:
             shutil.copy(image, frames / image.name)
     return frames
+
+
+def headline(result: dict) -> str:
+    """The figures a demo run is judged by: mIoU, and W-Net's reconstruction PSNR or DINO's attention Jaccard
+    beside the untrained network's."""
+    parts = [f"{'unsupervised mIoU' if result['unsupervised'] else 'mIoU'} {result['miou']:.3f}",
+             f"pixel accuracy {result['pixel_acc']:.3f}"]
+    if "psnr" in result:
+        parts.append(f"reconstruction PSNR {result['psnr']:.1f} dB")
+    if "jaccard_mean_heads" in result:
+        parts.append(f"attention Jaccard {result['jaccard_mean_heads']:.3f} "
+                     f"(untrained {result['untrained_jaccard_mean_heads']:.3f})")
+    return "  ".join(parts)
 
 
 def run_demo(root: Path = Path("data/demo"), train: int = 400, val: int = 100, size: tuple[int, int] = (256, 320),
@@ -87,20 +116,19 @@ def run_demo(root: Path = Path("data/demo"), train: int = 400, val: int = 100, s
             print(f"{row.name}: {row.state} {row.error or ''} (segjobs logs {row.name})")
         return 1
     summary = []
-    frames = demo_frames(root, GIF_FRAMES)
+    frames, clip = demo_frames(root, GIF_FRAMES), prepare_clip(root)
     for run_dir in run_dirs:
         result = report.evaluate(str(run_dir))
         report.show(result)
         animated = task_class(result["family"]).frames_name is not None
-        pictures = visualize.visualize([str(run_dir)], frames=frames if animated else None)
+        video = clip if result["family"] in VIDEO_FAMILIES else None
+        pictures = visualize.visualize([str(run_dir)], frames=frames if animated else None, video=video)
         summary.append((result, pictures))
     curves = visualize.visualize([str(d) for d in run_dirs], curves=True)
     print()
     print(f"segjobs demo finished in {(time.time() - start) / 60:.1f} min ({cluster}); data in {root}")
     for result, pictures in summary:
-        kind = "unsupervised mIoU" if result["unsupervised"] else "mIoU"
-        print(f"  {result['model']:<22} {kind} {result['miou']:.3f}  pixel accuracy {result['pixel_acc']:.3f}  "
-              f"run {Path(result['checkpoint']).parent.parent}")
+        print(f"  {result['model']:<22} {headline(result)}  run {Path(result['checkpoint']).parent.parent}")
         for picture in pictures:
             print(f"      {picture}")
     print(f"  curves: {curves[0]}")
