@@ -173,7 +173,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         if image.mode != "RGB":  # convert() would copy an RGB image
             image = image.convert("RGB")
         label = None
-        if self.manifest.labelled and "seg.png" in raw:
+        if self.manifest.labelled:
+            if "seg.png" not in raw:  # the writer packs a label with every sample of a labelled split
+                raise CorruptShardError(f"{where} has no label member, though manifest.json says the split is labelled.")
             # Raw indices: Pillow keeps palette PNGs as indices ("P"), unlike converting to greyscale.
             label = np.asarray(decode(raw["seg.png"], where, "label"))
             if label.ndim != 2:

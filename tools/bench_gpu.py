@@ -213,46 +213,47 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     name, peak = device_peak() if device.type == "cuda" else ("cpu", None)
     workers = max(1, len(os.sched_getaffinity(0)) - 1)
-    work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
-    shards = work / "shards"
-    from shards import ade20k
-    from shards.synth import write_ade20k
-    from shards.writer import write_split
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as folder:  # synthetic shards and checkpoints: ~1 GB
+        work = Path(folder)
+        shards = work / "shards"
+        from shards import ade20k
+        from shards.synth import write_ade20k
+        from shards.writer import write_split
 
-    write_ade20k(work / "ade", train=16 if args.smoke else 256, val=0, height=512, width=683, seed=0)
-    write_split(ade20k.list_split(work / "ade", "training")[0], shards, dataset="ade20k", split="training",
-                num_classes=150, samples_per_shard=64)
+        write_ade20k(work / "ade", train=16 if args.smoke else 256, val=0, height=512, width=683, seed=0)
+        write_split(ade20k.list_split(work / "ade", "training")[0], shards, dataset="ade20k", split="training",
+                    num_classes=150, samples_per_shard=64)
 
-    def report(case: dict) -> None:
-        print(json.dumps({"device": name, **case}), flush=True)
+        def report(case: dict) -> None:
+            print(json.dumps({"device": name, **case}), flush=True)
 
-    for family in args.only or [*PAPER, "ncut"]:
-        if family == "ncut":
-            step, images = ncut_step(args.smoke, device)
-            seconds = time_steps(step, steps, 1 if args.smoke else 3)
-            report({"family": "ncut", "case": "bare", "images_per_s": images / seconds, "peak_mem_gb": peak_memory_gb()})
-            continue
-        spec = job_spec(family, args.smoke, shards, work / f"{family}_bare", [])
-        flops = None
-        for compiled in ([False] if args.smoke else [False, True]):
-            torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-            step, images = bare_step(family, spec, device, compiled)
-            flops = flops or step_flops(step)
-            seconds = time_steps(step, steps, 1 if args.smoke else (steps if compiled else 3))
-            report({"family": family, "case": "bare+compile" if compiled else "bare", "images_per_s": images / seconds,
-                    "peak_mem_gb": peak_memory_gb(), "gflop_per_step": flops / 1e9,
-                    "mfu": flops / seconds / peak if peak else None})
-        trainer_cases = [("trainer", False, True), ("trainer+loader", False, False)] if args.smoke else [
-            ("trainer", False, True), ("trainer+compile", True, True), ("trainer+loader", True, False)]
-        for case, compiled, in_memory in trainer_cases:
-            torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-            extra = [f"train.max_steps={2 * steps}", f"train.log_every={steps}", f"train.compile={str(compiled).lower()}",
-                     f"data.num_workers={0 if in_memory else workers}"]
-            run_spec = job_spec(family, args.smoke, shards, work / f"{family}_{case}", extra)
-            rate = trainer_rate(run_spec, in_memory)
-            report({"family": family, "case": case, "images_per_s": rate, "peak_mem_gb": peak_memory_gb(),
-                    "mfu": flops * rate / run_spec.data.batch_size / peak if peak else None,
-                    "loader_workers": None if in_memory else workers})
+        for family in args.only or [*PAPER, "ncut"]:
+            if family == "ncut":
+                step, images = ncut_step(args.smoke, device)
+                seconds = time_steps(step, steps, 1 if args.smoke else 3)
+                report({"family": "ncut", "case": "bare", "images_per_s": images / seconds, "peak_mem_gb": peak_memory_gb()})
+                continue
+            spec = job_spec(family, args.smoke, shards, work / f"{family}_bare", [])
+            flops = None
+            for compiled in ([False] if args.smoke else [False, True]):
+                torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+                step, images = bare_step(family, spec, device, compiled)
+                flops = flops or step_flops(step)
+                seconds = time_steps(step, steps, 1 if args.smoke else (steps if compiled else 3))
+                report({"family": family, "case": "bare+compile" if compiled else "bare", "images_per_s": images / seconds,
+                        "peak_mem_gb": peak_memory_gb(), "gflop_per_step": flops / 1e9,
+                        "mfu": flops / seconds / peak if peak else None})
+            trainer_cases = [("trainer", False, True), ("trainer+loader", False, False)] if args.smoke else [
+                ("trainer", False, True), ("trainer+compile", True, True), ("trainer+loader", True, False)]
+            for case, compiled, in_memory in trainer_cases:
+                torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+                extra = [f"train.max_steps={2 * steps}", f"train.log_every={steps}", f"train.compile={str(compiled).lower()}",
+                         f"data.num_workers={0 if in_memory else workers}"]
+                run_spec = job_spec(family, args.smoke, shards, work / f"{family}_{case}", extra)
+                rate = trainer_rate(run_spec, in_memory)
+                report({"family": family, "case": case, "images_per_s": rate, "peak_mem_gb": peak_memory_gb(),
+                        "mfu": flops * rate / run_spec.data.batch_size / peak if peak else None,
+                        "loader_workers": None if in_memory else workers})
 
 
 if __name__ == "__main__":
