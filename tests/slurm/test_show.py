@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -21,8 +22,13 @@ def test_show_of_a_requeued_run_lists_both_starts_and_the_requeue(shard_root, tm
     wait_for(run_dir, {"RUNNING"}, until=lambda row: row.step >= 5)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     assert wait_for(run_dir, {"COMPLETED", "FAILED"}, timeout=300).state == "COMPLETED"
-    assert segjobs(["show", str(run_dir), "--json"]) == 0
-    shown = json.loads(capsys.readouterr().out)
+    deadline = time.monotonic() + 90  # slurmdbd records a finished job's times a moment after it ends
+    while True:
+        assert segjobs(["show", str(run_dir), "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        if shown["goodput"]["allocated_from"] == "sacct" or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     events = [(e["event"], e["job_id"]) for e in shown["history"]]
     assert events == [("submitted", job), ("start 1", job), ("requeued", job), ("start 2", job), ("ended", None)]
     requeue = shown["history"][2]
