@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
+from shards import hsv
 from shards.photometric import dino_row, mmseg_row
 
 IGNORE_INDEX = 255
@@ -99,12 +100,7 @@ def apply_distortion(image: np.ndarray, draws: Distortion) -> np.ndarray:
     if draws.contrast_before != 1.0:
         image = affine(image, draws.contrast_before, 0.0)
     if draws.saturation is not None or draws.hue_shift is not None:
-        hsv = np.asarray(Image.fromarray(image).convert("HSV")).copy()
-        if draws.saturation is not None:
-            hsv[..., 1] = np.clip(hsv[..., 1].astype(np.float32) * draws.saturation, 0, 255).astype(np.uint8)
-        if draws.hue_shift is not None:
-            hsv[..., 0] = (hsv[..., 0].astype(np.int32) + draws.hue_shift) % 256
-        image = np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+        image = hsv.adjust(image, draws.hue_shift or 0, draws.saturation)
     if draws.contrast_after != 1.0:
         image = affine(image, draws.contrast_after, 0.0)
     return image
@@ -142,6 +138,10 @@ class SegmenterTrain:
     flip_prob: float = 0.5
     photometric: bool = True
     photometric_on_device: bool = False  # draw the distortion, return it as "photometric" (a Distortion.row())
+
+    def __post_init__(self):
+        if self.photometric and not self.photometric_on_device:
+            hsv.tables()  # built before the loader forks its workers, which then share them
 
     def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         ratio = rng.uniform(*self.ratio_range)
@@ -252,47 +252,42 @@ def draw_view(width: int, height: int, scale: tuple[float, float], blur_p: float
     return ViewDraws(box, flip, jitter, order, grey, blur_sigma, solarize)
 
 
-def hue_shift(view: Image.Image, shift: int) -> Image.Image:
-    """torchvision's adjust_hue on PIL images: the hue byte of Pillow's 8-bit HSV plus `shift`, modulo 256.
-
-    Note: the round trip through 8-bit HSV moves colours by half a grey level on average even for a shift of 0;
-    smoother hue rotations (a 3D table, exact float HSV) differ from it by as much, which later contrast steps
-    amplify past a grey level: this step stays Pillow's."""
-    hsv = np.asarray(view.convert("HSV")).copy()
-    hsv[..., 0] += np.uint8(shift % 256)  # uint8 arithmetic wraps modulo 256
-    return Image.fromarray(hsv, mode="HSV").convert("RGB")
-
-
 def colour(view: Image.Image, draws: ViewDraws) -> Image.Image:
     """ColorJitter, RandomGrayscale, GaussianBlur and Solarization of a view as torchvision computes them on
-    PIL images (ImageEnhance, Pillow's HSV, greyscale and blur, ImageOps.solarize's table): the same grey levels.
-    Pillow blurs an RGB image as four 8-bit channels at once, 3.5 times the work of one: a greyscale view is
-    blurred as one channel, a colour view channel by channel."""
+    PIL images (ImageEnhance's blends, Pillow's HSV, greyscale and blur, ImageOps.solarize's table): the same
+    grey levels. A blend with a flat image is a table of each byte value (blend_table), the HSV round trip two
+    tables of every colour (shards.hsv). A greyscale view is blurred as one channel before it becomes RGB again."""
     if draws.jitter is not None:
         for op in draws.order:
             factor = draws.jitter[op]
-            if op == 0:
-                view = ImageEnhance.Brightness(view).enhance(factor)
-            elif op == 1:  # as ImageEnhance.Contrast: a blend with the rounded mean of the greyscale view
-                histogram = view.convert("L").histogram()
-                mean = int(sum(level * count for level, count in enumerate(histogram)) / sum(histogram) + 0.5)
-                view = Image.blend(Image.new("RGB", view.size, (mean,) * 3), view, factor)
+            if op == 0:  # ImageEnhance.Brightness: a blend with black
+                view = view.point(blend_table(0, factor))
+            elif op == 1:  # ImageEnhance.Contrast: a blend with the rounded mean of the greyscale view
+                histogram = np.array(view.convert("L").histogram())
+                view = view.point(blend_table(int(histogram @ np.arange(256) / histogram.sum() + 0.5), factor))
             elif op == 2:
                 view = ImageEnhance.Color(view).enhance(factor)
             else:
-                view = hue_shift(view, factor)
+                view = hsv.adjust_image(view, factor)
     blur = ImageFilter.GaussianBlur(radius=draws.blur_sigma) if draws.blur_sigma else None
     if draws.grey:
         grey = view.convert("L")
         view = (grey.filter(blur) if blur else grey).convert("RGB")
     elif blur:
-        view = Image.merge("RGB", [channel.filter(blur) for channel in view.split()])
+        view = view.filter(blur)
     if draws.solarize:
         view = view.point(SOLARIZE_TABLE)
     return view
 
 
 SOLARIZE_TABLE = [i if i < 128 else 255 - i for i in range(256)] * 3  # ImageOps.solarize(threshold=128)
+LEVELS = Image.frombytes("L", (256, 1), bytes(range(256)))
+
+
+def blend_table(level: int, factor: float) -> list[int]:
+    """Image.blend(a flat image of `level`, view, factor) for each byte value of the view, by Pillow's own blend
+    (float32, truncated): a table for Image.point, which applies it to every channel."""
+    return list(Image.blend(Image.new("L", LEVELS.size, level), LEVELS, factor).tobytes()) * 3
 
 
 def resized_crop(source: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> np.ndarray:
@@ -328,6 +323,10 @@ class DinoMultiCrop:
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_crops: int = 8
     photometric_on_device: bool = False
+
+    def __post_init__(self):
+        if not self.photometric_on_device:
+            hsv.tables()  # built before the loader forks its workers, which then share them
 
     def __call__(self, image: Image.Image, label: np.ndarray | None, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
         width, height = image.size

@@ -148,3 +148,30 @@ def dino_multicrop_pillow(image, rng, global_size=224, local_size=96, local_crop
     views = [dino_view_pillow(image, rng, global_size, (0.4, 1.0), 1.0, 0.0),
              dino_view_pillow(image, rng, global_size, (0.4, 1.0), 0.1, 0.2)]
     return views + [dino_view_pillow(image, rng, local_size, (0.05, 0.4), 0.5, 0.0) for _ in range(local_crops)]
+
+
+def dino_colour_pillow(view, draws):
+    """The photometric part of dino_view_pillow for given draws (shards.transforms.ViewDraws): ColorJitter's four
+    ops through ImageEnhance and Pillow's HSV as torchvision runs them, greyscale, GaussianBlur, solarize."""
+    import numpy as np
+    from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+    if draws.jitter is not None:
+        for op in draws.order:
+            if op == 0:
+                view = ImageEnhance.Brightness(view).enhance(draws.jitter[0])
+            elif op == 1:
+                view = ImageEnhance.Contrast(view).enhance(draws.jitter[1])
+            elif op == 2:
+                view = ImageEnhance.Color(view).enhance(draws.jitter[2])
+            else:
+                hsv = np.asarray(view.convert("HSV")).copy()
+                hsv[..., 0] = (hsv[..., 0].astype(np.int32) + draws.jitter[3]) % 256
+                view = Image.fromarray(hsv, mode="HSV").convert("RGB")
+    if draws.grey:
+        view = view.convert("L").convert("RGB")
+    if draws.blur_sigma:
+        view = view.filter(ImageFilter.GaussianBlur(radius=draws.blur_sigma))
+    if draws.solarize:
+        view = ImageOps.solarize(view, threshold=128)
+    return np.asarray(view)

@@ -115,6 +115,43 @@ def test_dino_multicrop_matches_the_reference_pillow_views():
     assert max(worst) <= 1.0 and np.mean(worst) <= 0.2, (max(worst), np.mean(worst))
 
 
+def test_dino_colouring_gives_torchvisions_bytes():
+    """colour() (tables in place of Pillow's blends and HSV conversions) gives exactly the bytes torchvision's
+    ColorJitter, RandomGrayscale, GaussianBlur and Solarization compute on the same PIL view and draws."""
+    from shards.transforms import colour, draw_view
+    from tests.reference_impls import dino_colour_pillow
+
+    rng = np.random.default_rng(0)
+    for seed in range(8):
+        image = synthetic_photo(seed)
+        for size, scale, blur_p, solarize_p in [(96, (0.4, 1.0), 1.0, 0.2), (40, (0.05, 0.4), 0.5, 0.5)] * 10:
+            draws = draw_view(*image.size, scale, blur_p, solarize_p, rng)
+            left, top, w, h = draws.box
+            view = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            assert np.array_equal(np.asarray(colour(view, draws)), dino_colour_pillow(view, draws)), draws
+
+
+def test_hsv_tables_are_pillows_conversions():
+    """shards.hsv's lookups equal Pillow's RGB -> HSV -> RGB for every hue shift and mmseg's saturation scaling."""
+    from shards import hsv
+
+    rng = np.random.default_rng(0)
+    pixels = np.concatenate([rng.integers(0, 256, (64, 3)), [[0, 0, 0], [255, 255, 255], [7, 7, 7], [255, 0, 0]]])
+    pixels = pixels.astype(np.uint8).reshape(17, 4, 3)
+    converted = np.asarray(Image.fromarray(pixels).convert("HSV")).astype(np.int32)
+    for shift in range(-256, 257, 3):
+        for saturation in (None, 0.5, 1.37):
+            expected = converted.copy()
+            expected[..., 0] = (expected[..., 0] + shift) % 256
+            if saturation is not None:
+                expected[..., 1] = np.clip(expected[..., 1].astype(np.float32) * saturation, 0, 255).astype(np.uint8)
+            expected = np.asarray(Image.fromarray(expected.astype(np.uint8), mode="HSV").convert("RGB"))
+            assert np.array_equal(hsv.adjust(pixels, shift, saturation), expected), (shift, saturation)
+            if saturation is None:
+                image = hsv.adjust_image(Image.fromarray(pixels), shift)
+                assert np.array_equal(np.asarray(image), expected), shift
+
+
 def test_photometric_on_the_device_leaves_the_same_draws_to_apply():
     """With photometric_on_device the loader's crops are the loader path's before colouring, and the draws go along."""
     from shards.transforms import draw_view, resized_crop
