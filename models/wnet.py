@@ -32,7 +32,8 @@ class WNetConfig:
     dropout: float = 0.65  # the paper's rate
     # How the 3x3 convolutions pad: the paper does not say; zeros is what PyTorch W-Nets that follow it closely
     # use (AsWali/WNet, gr-b/W-Net: padding=1), fkodom/wnet-unsupervised-image-segmentation replicates.
-    # reflect or replicate: no dark band along the borders of the reconstruction, as zeros leave on small crops.
+    # reflect or replicate: no band of extra segments and off colours along the image borders, as zeros drew in
+    # the demo (jobs/demo_wnet.yaml).
     padding_mode: str = "zeros"  # zeros | reflect | replicate
     # U-Dec's rate when not None (the paper: one rate after every module of both U-Nets). Dropout before U-Dec's
     # last 1x1 convolution makes the least-squares optimum shrink its weights: muted colours after training.
