@@ -30,19 +30,28 @@ class WNetConfig:
     base_channels: int = 64  # paper: 64, 128, 256, 512, 1024 down the U
     levels: int = 5  # modules down the contracting path, bottom included
     dropout: float = 0.65  # the paper's rate
+    # How the 3x3 convolutions pad: the paper does not say; zeros is what PyTorch W-Nets that follow it closely
+    # use (AsWali/WNet, gr-b/W-Net: padding=1), fkodom/wnet-unsupervised-image-segmentation replicates.
+    # reflect or replicate: no band of extra segments and off colours along the image borders, as zeros drew in
+    # the demo (jobs/demo_wnet.yaml).
+    padding_mode: str = "zeros"  # zeros | reflect | replicate
+    # U-Dec's rate when not None (the paper: one rate after every module of both U-Nets). Dropout before U-Dec's
+    # last 1x1 convolution makes the least-squares optimum shrink its weights: muted colours after training.
+    decoder_dropout: float | None = None
 
 
 class Module(nn.Module):
     """Two 3x3 convolutions, each followed by ReLU and BN; depthwise-separable when `separable`."""
 
-    def __init__(self, in_channels: int, out_channels: int, separable: bool, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, separable: bool, dropout: float, padding_mode: str = "zeros"):
         super().__init__()
         layers: list[nn.Module] = []
         for c_in in (in_channels, out_channels):
             if separable:
-                layers += [nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in), nn.Conv2d(c_in, out_channels, 1)]
+                layers += [nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, padding_mode=padding_mode),
+                           nn.Conv2d(c_in, out_channels, 1)]
             else:
-                layers.append(nn.Conv2d(c_in, out_channels, 3, padding=1))
+                layers.append(nn.Conv2d(c_in, out_channels, 3, padding=1, padding_mode=padding_mode))
             layers += [nn.ReLU(inplace=True), nn.BatchNorm2d(out_channels)]
         layers.append(nn.Dropout(dropout))
         self.body = nn.Sequential(*layers)
@@ -52,17 +61,20 @@ class Module(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, base: int, levels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, base: int, levels: int, dropout: float,
+                 padding_mode: str = "zeros"):
         super().__init__()
         widths = [base * 2**i for i in range(levels)]
         count = 2 * levels - 1
         self.down = nn.ModuleList(
-            Module(in_channels if i == 0 else widths[i - 1], widths[i], separable=i != 0, dropout=dropout)
+            Module(in_channels if i == 0 else widths[i - 1], widths[i], separable=i != 0, dropout=dropout,
+                   padding_mode=padding_mode)
             for i in range(levels)
         )
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels - 1)))
         self.merge = nn.ModuleList(
-            Module(2 * widths[i], widths[i], separable=levels + k != count - 1, dropout=dropout)
+            Module(2 * widths[i], widths[i], separable=levels + k != count - 1, dropout=dropout,
+                   padding_mode=padding_mode)
             for k, i in enumerate(reversed(range(levels - 1)))
         )
         self.out = nn.Conv2d(widths[0], out_channels, 1)
@@ -89,9 +101,13 @@ class WNet(nn.Module):
     def __init__(self, config: WNetConfig):
         super().__init__()
         self.config = config
-        args = (config.base_channels, config.levels, config.dropout)
-        self.encoder = UNet(config.in_channels, config.num_segments, *args)
-        self.decoder = UNet(config.num_segments, config.in_channels, *args)
+        if config.padding_mode not in ("zeros", "reflect", "replicate"):
+            raise ValueError(f"padding_mode must be zeros, reflect or replicate, got {config.padding_mode!r}")
+        decoder_dropout = config.dropout if config.decoder_dropout is None else config.decoder_dropout
+        self.encoder = UNet(config.in_channels, config.num_segments, config.base_channels, config.levels,
+                            config.dropout, config.padding_mode)
+        self.decoder = UNet(config.num_segments, config.in_channels, config.base_channels, config.levels,
+                            decoder_dropout, config.padding_mode)
         # Images come in 0..1: start U-Dec at mid-grey. From a zero bias Adam moves the output by about lr per
         # step, so a short run reconstructs nearly black images whatever its segments are.
         nn.init.constant_(self.decoder.out.bias, 0.5)
