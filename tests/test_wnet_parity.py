@@ -72,8 +72,10 @@ def test_two_batches_equal_the_papers_alternating_steps():
         assert ours["ncut"].item() == pytest.approx(ncut.item(), abs=1e-5)
         assert ours["reconstruction"].item() == pytest.approx(reconstruction.item(), rel=1e-5)
         assert [g["lr"] for o in task.optimizers for g in o.param_groups] == pytest.approx([lr] * 4)
+        # Within 1e-3 of the largest change of any weight since the start (~1: the reconstruction is summed per
+        # image), where float32 rounds differently along the two paths: up to 3.5e-4 with one thread, whose
+        # convolutions sum in another order, 7e-6 with two. A wrong rate or step is off by its whole change.
+        moved = max((theirs - start).abs().max().item() for theirs, start in zip(reference.parameters(), initial))
         for (name, mine), theirs, start in zip(task.model.named_parameters(), reference.parameters(), initial):
-            # Within 1e-4 of the largest change since the start: the summed reconstruction moves weights by up to
-            # ~1, where float32 rounds differently along the two paths; a wrong rate or step is off by far more.
-            moved = (theirs - start).abs().max().item()
-            assert moved > 0 and torch.allclose(mine, theirs, rtol=0, atol=1e-4 * moved + 1e-7), f"{name} after step {step}"
+            assert not torch.equal(theirs, start) and torch.allclose(mine, theirs, rtol=0, atol=1e-3 * moved), \
+                f"{name} after step {step}"
