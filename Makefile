@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := data/demo
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-test clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: install
 # Synthetic ADE20K -> shards -> the three demo jobs via `segjobs submit --cluster auto` -> eval -> pictures.
 demo: install
 	$(BIN)/segjobs demo --root $(DEMO)
+
+# The full demo in a temporary folder, asserting its figures (W-Net PSNR, DINO's Jaccard gain); about 10 minutes,
+# so `make test` skips it.
+demo-test: install
+	SEGJOBS_DEMO_FIGURES=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_demo.py -k full_demo
 
 clean:
 	rm -rf $(DEMO) runs/demo_segmenter runs/demo_wnet runs/demo_dino

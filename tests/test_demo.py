@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,30 @@ def test_every_picture_is_written_with_the_expected_size(trained, synth_root, tm
     assert curves == trained["segmenter"] / "pictures" / "curves.png" and png_size(curves) == (1100, 400)
 
 
+def test_eval_reuses_stored_scores_only_when_they_are_newer_than_the_checkpoint_and_read_as_scores(trained):
+    """What `segjobs demo` does after training: the scores the trainer's final evaluation wrote, not a second
+    evaluation; a file older than the checkpoint or not made of scores is evaluated again."""
+    import time as clock
+
+    from launcher.commands.eval import evaluate
+
+    run_dir = trained["wnet"]
+    fresh = evaluate(str(run_dir))
+    stored = Path(fresh["path"])
+    planted = {key: value for key, value in fresh.items() if key not in ("path", "checkpoint")} | {"miou": 0.123456}
+    stored.write_text(json.dumps(planted))
+    assert evaluate(str(run_dir), reuse=True)["miou"] == 0.123456
+    for hostile in ({**planted, "miou": "0.9"}, {**planted, "psnr": [[]], "iou": "all"}, ["miou", 0.5], "{"):
+        stored.write_text(hostile if isinstance(hostile, str) else json.dumps(hostile))
+        assert evaluate(str(run_dir), reuse=True)["miou"] == fresh["miou"], hostile
+    stored.write_text(json.dumps(planted))
+    meta = Path(fresh["checkpoint"]) / "meta.json"
+    later = clock.time() + 60
+    os.utime(meta, (later, later))  # the checkpoint is newer than the scores: they describe another one
+    assert evaluate(str(run_dir), reuse=True)["miou"] == fresh["miou"]
+    assert evaluate(str(run_dir))["miou"] == fresh["miou"]
+
+
 def test_demo_runs_the_three_models_end_to_end_and_reuses_a_finished_run(tmp_path, capsys, monkeypatch):
     """`make demo` at tiny sizes: synth, shard, three jobs through the local executor, eval, pictures."""
     monkeypatch.chdir(tmp_path)
@@ -140,3 +165,22 @@ def test_demo_runs_the_three_models_end_to_end_and_reuses_a_finished_run(tmp_pat
     assert segjobs(arguments) == 0
     again = capsys.readouterr().out
     assert again.count("completed, not submitted again") == 3
+
+
+@pytest.mark.skipif(os.environ.get("SEGJOBS_DEMO_FIGURES") != "1",
+                    reason="the full demo takes about 10 minutes on 2 cores: `make demo-test` runs it")
+def test_the_full_demo_reaches_its_figures(tmp_path, monkeypatch):
+    """`make demo` as a user runs it (default sizes and specs): W-Net reconstructs at >= 20 dB with segments that
+    follow the shapes, and DINO's attention overlaps the shapes by >= 0.1 more than the untrained network's."""
+    monkeypatch.chdir(tmp_path)
+    assert segjobs(["demo", "--root", str(tmp_path / "data"), "--cluster", "local"]) == 0
+
+    def report(name: str) -> dict:
+        (latest,) = sorted((tmp_path / "runs" / name / "eval").glob("step_*.json"))[-1:]
+        return json.loads(latest.read_text())
+
+    segmenter, wnet, dino = report("demo_segmenter"), report("demo_wnet"), report("demo_dino")
+    assert segmenter["miou"] >= 0.8, segmenter["miou"]
+    assert wnet["psnr"] >= 20.0 and wnet["miou"] >= 0.5, (wnet["psnr"], wnet["miou"])
+    gain = dino["jaccard_mean_heads"] - dino["untrained_jaccard_mean_heads"]
+    assert gain >= 0.1, (dino["jaccard_mean_heads"], dino["untrained_jaccard_mean_heads"])

@@ -8,8 +8,8 @@
 3. submits jobs/demo_segmenter.yaml, demo_wnet.yaml and demo_dino.yaml with `segjobs submit --cluster auto`
    (SLURM when a controller answers, else the local executor), skipping runs already completed or running,
 4. shows the live status table until the three have finished,
-5. evaluates each (`segjobs eval`), draws the pictures (`segjobs visualize`, with the DINO attention GIF
-   over validation frames) and the curves of the three runs,
+5. reports each run's final evaluation (`segjobs eval` where the training wrote none), draws the pictures
+   (`segjobs visualize`, with the DINO attention GIF over validation frames) and the curves of the three runs,
 6. writes a synthetic clip (`segjobs synth video`), packs its frames into image-only shards (`segjobs shard
    video`) and draws W-Net's and DINO's picture of every frame as an MP4 and a GIF (`visualize --video`),
 and prints where everything is. A rerun resumes what was interrupted and reuses what is done.
@@ -118,7 +118,7 @@ def run_demo(root: Path = Path("data/demo"), train: int = 400, val: int = 100, s
     summary = []
     frames, clip = demo_frames(root, GIF_FRAMES), prepare_clip(root)
     for run_dir in run_dirs:
-        result = report.evaluate(str(run_dir))
+        result = report.evaluate(str(run_dir), reuse=True)  # the training's final evaluation, when it wrote one
         report.show(result)
         animated = task_class(result["family"]).frames_name is not None
         video = clip if result["family"] in VIDEO_FAMILIES else None

@@ -47,8 +47,11 @@ def split_folder(spec, split: str) -> Path:
     return folder
 
 
-def evaluate(target: str, split: str = "validation", mode: str | None = None, overrides: list[str] = ()) -> dict:
-    """Evaluate a run's latest checkpoint (or a checkpoint folder) and write eval/step_NNNNNNNN.json beside it."""
+def evaluate(target: str, split: str = "validation", mode: str | None = None, overrides: list[str] = (),
+             reuse: bool = False) -> dict:
+    """Evaluate a run's latest checkpoint (or a checkpoint folder) and write eval/step_NNNNNNNN.json beside it.
+    With `reuse`, the scores already written there for this checkpoint (by the trainer's final evaluation or an
+    earlier `segjobs eval`) are taken instead of evaluating again."""
     from launcher.training.restore import output_folder, restore
     from shards.loader import build_loader
 
@@ -57,12 +60,16 @@ def evaluate(target: str, split: str = "validation", mode: str | None = None, ov
     if mode not in task.eval_modes:
         raise SpecError(f"--mode {mode}: {spec.model.name} evaluates in {' or '.join(task.eval_modes)} mode only.")
     default_mode, task.eval_mode = task.eval_mode, mode
+    # The trainer's final evaluation (validation, the default mode) has the same name: the same numbers, fewer fields.
+    suffix = "" if (split, mode) == ("validation", default_mode) else f"_{split}_{mode}"
+    out = output_folder(checkpoint) / "eval" / f"{checkpoint.name}{suffix}.json"
     folder = split_folder(spec, split)
     loader = build_loader(folder, task.eval_pipeline(spec), batch_size=spec.data.eval_batch_size, rank=0, world_size=1,
                           train=False, seed=spec.seed, num_workers=spec.data.num_workers)
     start = time.perf_counter()
+    result = stored_scores(out, checkpoint) if reuse else None
     try:
-        result = task.evaluate(loader, accelerator)
+        result = result or task.evaluate(loader, accelerator)
     finally:
         loader.close()
     step = layout.read_meta(checkpoint)["step"]  # a copied checkpoint folder may have any name
@@ -70,14 +77,38 @@ def evaluate(target: str, split: str = "validation", mode: str | None = None, ov
               "split": split, "mode": mode, "samples": loader.stream.num_samples,
               "seconds": round(time.perf_counter() - start, 2), "unsupervised": not task.supervised,
               "class_names": loader.manifest.names(), **result}
-    report["iou"] = [None if math.isnan(v) else v for v in report["iou"]]  # JSON has no NaN: absent classes are null
-    # The trainer's final evaluation (validation, the default mode) has the same name: the same numbers, more fields.
-    suffix = "" if (split, mode) == ("validation", default_mode) else f"_{split}_{mode}"
-    out = output_folder(checkpoint) / "eval" / f"{checkpoint.name}{suffix}.json"
+    # JSON has no NaN: classes absent from the split are null
+    report["iou"] = [None if v is None or math.isnan(v) else v for v in report["iou"]]
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     report["path"] = str(out)
     return report
+
+
+REPORT_FIELDS = ("checkpoint", "model", "family", "step", "split", "mode", "samples", "seconds", "unsupervised",
+                 "class_names", "path")
+
+
+def stored_scores(path: Path, checkpoint: Path) -> dict | None:
+    """The scores in an evaluation file written after `checkpoint`, or None: no such file, an older one, or one
+    that does not read as scores (numbers, but per-class IoUs in "iou" and W-Net's "postprocess" name)."""
+    try:
+        if path.stat().st_size > 1 << 20 or path.stat().st_mtime < (checkpoint / "meta.json").stat().st_mtime:
+            return None
+        scores = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(scores, dict):
+        return None
+    scores = {key: value for key, value in scores.items() if key not in REPORT_FIELDS}
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    per_class = isinstance(scores.get("iou"), list) and all(v is None or number(v) for v in scores["iou"])
+    named = isinstance(scores.get("postprocess", ""), str)
+    others = all(number(value) for key, value in scores.items() if key not in ("iou", "postprocess"))
+    return scores if per_class and named and others and "miou" in scores else None
 
 
 def ranked_classes(iou: list[float | None], names: list[str]) -> list[tuple[str, float]]:
