@@ -5,7 +5,7 @@ Pillow's "HSV" mode and back. Each conversion is a pure function of a pixel's th
 2^24 byte triples, made by Pillow's own conversions, give exactly Pillow's bytes: one gather per direction, 4 to 5
 times faster than converting a 224 x 224 crop twice (tools/bench_loader.py).
 
-The tables take 128 MiB and about a second to build, once per process, at the first call (`tables()`); a loader
+The tables take 128 MiB and about 2 seconds to build, once per process, at the first call (`tables()`); a loader
 that builds them before it forks its workers shares them.
 
 A packed pixel is a uint32 whose bytes are the three channels in order, so that RGB pixels index the first table
