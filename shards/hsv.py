@@ -5,7 +5,7 @@ Pillow's "HSV" mode and back. Each conversion is a pure function of a pixel's th
 2^24 byte triples, made by Pillow's own conversions, give exactly Pillow's bytes: one gather per direction, 4 to 5
 times faster than converting a 224 x 224 crop twice (tools/bench_loader.py).
 
-The tables take 128 MiB and about 2 seconds to build, once per process, at the first call (`tables()`); a loader
+The tables take 128 MiB and about a second to build, once per process, at the first call (`tables()`); a loader
 that builds them before it forks its workers shares them.
 
 A packed pixel is a uint32 whose bytes are the three channels in order, so that RGB pixels index the first table
@@ -31,15 +31,20 @@ def packed_bytes(pixels: np.ndarray) -> np.ndarray:
     return out.view(np.uint32)[..., 0]
 
 
+def packed_image(image: Image.Image) -> np.ndarray:
+    """An RGB image's pixels, row by row, as uint32 with its first band in the lowest byte."""
+    return np.frombuffer(image.tobytes("raw", "RGBX"), np.uint32) & MASK  # the pad byte is 255
+
+
 @functools.cache
 def tables() -> tuple[np.ndarray, np.ndarray]:
     """(to_hsv, to_rgb): to_hsv[r | g << 8 | b << 16] = v | s << 8 | h << 16 and to_rgb[v | s << 8 | h << 16] =
     r | g << 8 | b << 16, as Pillow's convert("HSV") and convert("RGB") compute them."""
-    every = np.arange(TRIPLES, dtype=np.uint32).view(np.uint8).reshape(4096, 4096, 4)[..., :3]  # byte 0 lowest
-    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(every), "RGB").convert("HSV"))
-    to_hsv = packed_bytes(hsv[..., ::-1]).ravel()
-    rgb = np.asarray(Image.fromarray(np.ascontiguousarray(every[..., ::-1]), "HSV").convert("RGB"))
-    to_rgb = packed_bytes(rgb).ravel()
+    every = Image.frombuffer("RGBX", (4096, 4096), np.arange(TRIPLES, dtype=np.uint32), "raw", "RGBX", 0, 1)
+    low, middle, high, _ = every.split()  # pixel i's bytes, lowest first
+    hue, saturation, value = every.convert("HSV").split()
+    to_hsv = packed_image(Image.merge("RGB", (value, saturation, hue)))
+    to_rgb = packed_image(Image.merge("HSV", (high, middle, low)).convert("RGB"))
     return to_hsv, to_rgb
 
 
@@ -63,5 +68,4 @@ def adjust(pixels: np.ndarray, hue_shift: int = 0, saturation: float | None = No
 
 def adjust_image(image: Image.Image, hue_shift: int) -> Image.Image:
     """torchvision's adjust_hue on an RGB PIL image (`shifted` without copies through numpy's channel layout)."""
-    packed = np.frombuffer(image.tobytes("raw", "RGBX"), np.uint32) & MASK  # the pad byte is 255
-    return Image.frombytes("RGB", image.size, shifted(packed, hue_shift), "raw", "RGBX")
+    return Image.frombytes("RGB", image.size, shifted(packed_image(image), hue_shift), "raw", "RGBX")

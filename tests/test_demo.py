@@ -120,23 +120,23 @@ def test_eval_reuses_stored_scores_only_when_they_are_newer_than_the_checkpoint_
     evaluation; a file older than the checkpoint or not made of scores is evaluated again."""
     import time as clock
 
-    from launcher.commands.eval import evaluate
+    from launcher.commands.eval import evaluate, stored_scores
 
     run_dir = trained["wnet"]
     fresh = evaluate(str(run_dir))
-    stored = Path(fresh["path"])
+    stored, checkpoint = Path(fresh["path"]), Path(fresh["checkpoint"])
     planted = {key: value for key, value in fresh.items() if key not in ("path", "checkpoint")} | {"miou": 0.123456}
     stored.write_text(json.dumps(planted))
     assert evaluate(str(run_dir), reuse=True)["miou"] == 0.123456
-    for hostile in ({**planted, "miou": "0.9"}, {**planted, "psnr": [[]], "iou": "all"}, ["miou", 0.5], "{"):
+    for hostile in ({**planted, "miou": "0.9"}, {**planted, "psnr": [[]]}, {**planted, "iou": "all"},
+                    {**planted, "postprocess": 3}, ["miou", 0.5], "{", "[" * 100_000):
         stored.write_text(hostile if isinstance(hostile, str) else json.dumps(hostile))
-        assert evaluate(str(run_dir), reuse=True)["miou"] == fresh["miou"], hostile
+        assert stored_scores(stored, checkpoint) is None, hostile
     stored.write_text(json.dumps(planted))
-    meta = Path(fresh["checkpoint"]) / "meta.json"
     later = clock.time() + 60
-    os.utime(meta, (later, later))  # the checkpoint is newer than the scores: they describe another one
+    os.utime(checkpoint / "meta.json", (later, later))  # the checkpoint is newer than the scores: another one's
+    assert stored_scores(stored, checkpoint) is None
     assert evaluate(str(run_dir), reuse=True)["miou"] == fresh["miou"]
-    assert evaluate(str(run_dir))["miou"] == fresh["miou"]
 
 
 def test_demo_runs_the_three_models_end_to_end_and_reuses_a_finished_run(tmp_path, capsys, monkeypatch):

@@ -96,7 +96,7 @@ def stored_scores(path: Path, checkpoint: Path) -> dict | None:
         if path.stat().st_size > 1 << 20 or path.stat().st_mtime < (checkpoint / "meta.json").stat().st_mtime:
             return None
         scores = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep for the parser
         return None
     if not isinstance(scores, dict):
         return None
