@@ -33,7 +33,7 @@ test: install
 demo: install
 	$(BIN)/segjobs demo --root $(DEMO)
 
-# The full demo in a temporary folder, asserting its figures (W-Net PSNR, DINO's Jaccard gain); about 10 minutes,
+# The full demo in a temporary folder, asserting its figures (W-Net PSNR, DINO's Jaccard gain); about 12 minutes,
 # so `make test` skips it.
 demo-test: install
 	SEGJOBS_DEMO_FIGURES=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_demo.py -k full_demo

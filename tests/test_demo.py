@@ -168,7 +168,7 @@ def test_demo_runs_the_three_models_end_to_end_and_reuses_a_finished_run(tmp_pat
 
 
 @pytest.mark.skipif(os.environ.get("SEGJOBS_DEMO_FIGURES") != "1",
-                    reason="the full demo takes about 10 minutes on 2 cores: `make demo-test` runs it")
+                    reason="the full demo takes about 12 minutes on 2 cores: `make demo-test` runs it")
 def test_the_full_demo_reaches_its_figures(tmp_path, monkeypatch):
     """`make demo` as a user runs it (default sizes and specs): W-Net reconstructs at >= 20 dB with segments that
     follow the shapes, and DINO's attention overlaps the shapes by >= 0.1 more than the untrained network's."""
