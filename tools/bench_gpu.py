@@ -53,7 +53,7 @@ PAPER = {  # job spec, overrides for paper size, (batch, steps) in full and smok
     "segmenter": ("jobs/segmenter_small16.yaml", ["data.batch_size=8", "model.pretrained=null"],
                   ["data.batch_size=2", "model.pretrained=null", "data.crop_size=128", "data.scale=[512,128]",
                    "model.options.img_size=128"]),
-    "wnet": ("jobs/wnet.yaml", ["data.batch_size=8"], ["data.batch_size=2", "data.image_size=64"]),
+    "wnet": ("jobs/wnet.yaml", ["data.batch_size=8"], ["data.batch_size=2", "data.image_size=32"]),
 }
 
 
