@@ -85,7 +85,7 @@ def test_a_shortened_time_limit_is_read_from_slurm_and_requeued_before_it_withou
     """An administrator shortens the running job's limit to 1 minute. SLURM's SIGUSR2 is replaced by SIGURG here
     (which Python ignores), so only the end time rank 0 reads from squeue makes the job checkpoint and requeue,
     signal_delay_s before the new end, as a time limit (not a preemption)."""
-    sections = dict(train={"max_steps": 1500, "log_every": 10}, checkpoint={"every_steps": 100000})
+    sections = dict(train={"max_steps": 1000, "log_every": 10}, checkpoint={"every_steps": 100000})
     limited = {**CPU_JOB, "timeout_min": 3, "signal_delay_s": 30, "sbatch": {"signal": "URG@30"}}
     job, run_dir = submit(write_spec(tmp_path, shard_root, "segmenter", name="shortened", resources=limited, **sections),
                           capsys=capsys)
@@ -100,7 +100,7 @@ def test_a_shortened_time_limit_is_read_from_slurm_and_requeued_before_it_withou
     logs = (run_dir / "logs" / f"{job}_0_log.out").read_text()
     assert "the job ends at" in logs and "SIGUSR2" not in logs
     assert wait_for(whole, {"COMPLETED", "FAILED"}).state == "COMPLETED"
-    assert losses(run_dir) == losses(whole) and len(losses(whole)) == 150
+    assert losses(run_dir) == losses(whole) and len(losses(whole)) == 100
 
 
 @pytest.fixture
