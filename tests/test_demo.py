@@ -127,7 +127,9 @@ def test_eval_reuses_stored_scores_only_when_they_are_newer_than_the_checkpoint_
     stored, checkpoint = Path(fresh["path"]), Path(fresh["checkpoint"])
     planted = {key: value for key, value in fresh.items() if key not in ("path", "checkpoint")} | {"miou": 0.123456}
     stored.write_text(json.dumps(planted))
-    assert evaluate(str(run_dir), reuse=True)["miou"] == 0.123456
+    reused = evaluate(str(run_dir), reuse=True)
+    assert reused["miou"] == 0.123456
+    assert reused["seconds"] is None and fresh["seconds"] > 0, "a reused score does not claim an evaluation's time"
     for hostile in ({**planted, "miou": "0.9"}, {**planted, "psnr": [[]]}, {**planted, "iou": "all"},
                     {**planted, "postprocess": 3}, ["miou", 0.5], "{", "[" * 100_000):
         stored.write_text(hostile if isinstance(hostile, str) else json.dumps(hostile))
@@ -136,7 +138,8 @@ def test_eval_reuses_stored_scores_only_when_they_are_newer_than_the_checkpoint_
     later = clock.time() + 60
     os.utime(checkpoint / "meta.json", (later, later))  # the checkpoint is newer than the scores: another one's
     assert stored_scores(stored, checkpoint) is None
-    assert evaluate(str(run_dir), reuse=True)["miou"] == fresh["miou"]
+    again = evaluate(str(run_dir), reuse=True)
+    assert again["miou"] == fresh["miou"] and again["seconds"] > 0
 
 
 def test_demo_runs_the_three_models_end_to_end_and_reuses_a_finished_run(tmp_path, capsys, monkeypatch):

@@ -29,7 +29,8 @@ def test_a_uniform_image_gets_no_band_along_the_borders(padding_mode):
 
 
 def test_zero_padding_draws_the_borders_differently():
-    """The paper's default (zeros) is kept, with the border effect the other modes remove."""
+    """The default (zeros, as the PyTorch W-Nets that follow the paper closely) keeps the border effect the other
+    modes remove."""
     image = torch.full((1, 3, 12, 12), 0.3)
     with torch.no_grad():
         _, reconstruction = one_level_wnet("zeros")(image)

@@ -66,16 +66,17 @@ def evaluate(target: str, split: str = "validation", mode: str | None = None, ov
     folder = split_folder(spec, split)
     loader = build_loader(folder, task.eval_pipeline(spec), batch_size=spec.data.eval_batch_size, rank=0, world_size=1,
                           train=False, seed=spec.seed, num_workers=spec.data.num_workers)
+    stored = stored_scores(out, checkpoint) if reuse else None
     start = time.perf_counter()
-    result = stored_scores(out, checkpoint) if reuse else None
     try:
-        result = result or task.evaluate(loader, accelerator)
+        result = stored or task.evaluate(loader, accelerator)
     finally:
         loader.close()
+    seconds = None if stored else round(time.perf_counter() - start, 2)  # null: scores reused, not evaluated now
     step = layout.read_meta(checkpoint)["step"]  # a copied checkpoint folder may have any name
     report = {"checkpoint": str(checkpoint), "model": spec.model.name, "family": task.family, "step": step,
               "split": split, "mode": mode, "samples": loader.stream.num_samples,
-              "seconds": round(time.perf_counter() - start, 2), "unsupervised": not task.supervised,
+              "seconds": seconds, "unsupervised": not task.supervised,
               "class_names": loader.manifest.names(), **result}
     # JSON has no NaN: classes absent from the split are null
     report["iou"] = [None if v is None or math.isnan(v) else v for v in report["iou"]]
